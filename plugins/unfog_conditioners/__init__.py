@@ -1,0 +1,5 @@
+"""First-party conditioners; importing this package registers them."""
+
+from unfog_conditioners import class_label
+
+__all__ = ["class_label"]
