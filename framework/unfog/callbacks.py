@@ -1,0 +1,86 @@
+"""Lightning callbacks and plugins: sample grids while training, atomic checkpoints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from unfog.images import picture, save_png
+from unfog.loggers import log_picture
+from unfog.protocols import Sampler
+from unfog.sampling import default_values, generate
+
+
+class SampleGrid(L.Callback):
+    """Every ``every_n_steps`` optimizer steps and at the end, draws a fixed-seed grid with
+    the EMA weights, saves it as ``samples/step_NNNNNNN.png`` and logs it."""
+
+    def __init__(self, sampler: Sampler, out_dir: Path, data_shape: tuple[int, ...],
+                 data_range: tuple[float, float] | None, every_n_steps: int = 1000, num_samples: int = 64,
+                 seed: int = 0, guidance: float = 1.0, clip: bool = True, batch_size: int = 256) -> None:
+        self.sampler = sampler
+        self.out_dir = Path(out_dir)
+        self.data_shape = data_shape
+        self.data_range = data_range
+        self.every = every_n_steps
+        self.num_samples = num_samples
+        self.seed = seed
+        self.guidance = guidance
+        self.clip = data_range if clip else None
+        self.batch_size = batch_size
+        self.last_step = -1
+        self.last_path: Path | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every > 0 and step > 0 and step % self.every == 0:
+            self.draw(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.draw(trainer, pl_module)
+
+    def draw(self, trainer: L.Trainer, pl_module: Any) -> Path | None:
+        """Draw, save and log the grid for the current step (once per step, on rank 0)."""
+        step = trainer.global_step
+        if step == self.last_step or not trainer.is_global_zero or self.num_samples <= 0:
+            return self.last_path
+        self.last_step = step
+        model = pl_module.ema.module
+        n = self.num_samples
+        values = default_values(model, n) if len(model.conditioners) else None
+        samples = generate(model, pl_module.schedule, self.sampler, pl_module.prediction, self.data_shape,
+                           range(n), seed=self.seed, values=values, guidance=self.guidance,
+                           clip=self.clip, batch_size=self.batch_size, device=pl_module.device)
+        nrow = _classes(model) or None
+        pic = picture(samples, nrow, self.data_range)
+        if pic is None:
+            return None
+        self.last_path = save_png(pic, self.out_dir / f"step_{step:07d}.png")
+        if trainer.logger:
+            log_picture(trainer.logger, "samples", pic, step)
+        return self.last_path
+
+
+def _classes(model: Any) -> int | None:
+    for c in model.conditioners.values():
+        k = getattr(c, "num_classes", None)
+        if k:
+            return int(k)
+    return None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file and renames it into place, so a run killed
+    mid-write never leaves a truncated checkpoint behind."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)

@@ -1,0 +1,187 @@
+"""The ``unfog`` command: train, sample, config, list, plugins.
+
+``train``, ``sample`` and ``config`` take Hydra overrides (``sampler=ddim sampler.steps=20``,
+``-m schedule=linear,cosine``, ``--cfg job``, ``hydra/launcher=...``); every registered
+component is a config-group option.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+USAGE = """usage: unfog COMMAND [OVERRIDES...]
+
+commands:
+  train  [overrides]   train a model (default: class-conditional digits on the CPU)
+  sample [overrides]   draw samples from a checkpoint: unfog sample checkpoint=PATH sampler=ddpm
+  config [overrides]   print the composed training config
+  list   [KIND]        list registered components (kinds: {kinds})
+  plugins              list plugin distributions, versions and what each provides
+
+overrides are Hydra's: group=option, key=value, -m for sweeps, --help for the config help.
+"""
+
+
+def conf_dir() -> Path:
+    """The folder of Hydra configs: inside the installed package, or ``conf/`` of a checkout."""
+    import unfog
+
+    here = Path(unfog.__file__).resolve().parent
+    for candidate in (here / "conf", here.parents[1] / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"unfog's configs were not found next to {here}; reinstall unfog.")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``unfog`` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        from unfog.registry import KINDS
+
+        print(USAGE.format(kinds=", ".join(KINDS)))
+        return 0
+    if args[0] == "--version":
+        import unfog
+
+        print(f"unfog {unfog.__version__}")
+        return 0
+    command, rest = args[0], args[1:]
+    handlers: dict[str, Callable[[list[str]], int]] = {
+        "train": lambda r: _hydra("train", _train_task, r),
+        "sample": lambda r: _hydra("sample", _sample_task, r),
+        "config": _config,
+        "list": _list,
+        "plugins": _plugins,
+    }
+    if command not in handlers:
+        import difflib
+
+        close = difflib.get_close_matches(command, handlers, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        print(f"unfog: unknown command {command!r}.{hint} Commands: {', '.join(handlers)}.", file=sys.stderr)
+        return 2
+    return handlers[command](rest)
+
+
+def _hydra(name: str, task: Callable[[Any], Any], overrides: list[str]) -> int:
+    import hydra
+
+    from unfog.config import register_configs
+
+    register_configs()
+    saved = sys.argv
+    sys.argv = [f"unfog {name}", *overrides]
+    try:
+        hydra.main(config_path=str(conf_dir()), config_name=name, version_base="1.3")(task)()
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def _fail(exc: Exception) -> None:
+    print(f"unfog: error: {exc}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def _explain(exc: BaseException) -> str:
+    """A composition error with the messages of its causes (which name field and component)."""
+    parts = []
+    while exc is not None:
+        parts.append(str(exc).strip())
+        exc = exc.__cause__
+    return "\n".join(p for p in parts if p)
+
+
+def _output_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _train_task(cfg: Any) -> float | None:
+    from unfog.errors import UnfogError
+    from unfog.run import train
+
+    try:
+        result = train(cfg, _output_dir())
+    except UnfogError as exc:
+        _fail(exc)
+        raise
+    loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
+    print(
+        f"unfog: trained {result.steps} steps in {result.seconds:.0f} s (final loss {loss}). "
+        f"checkpoint: {result.checkpoint} | samples: {result.samples or 'none'} | logs: {result.run_dir}"
+    )
+    return result.final_loss
+
+
+def _sample_task(cfg: Any) -> None:
+    from unfog.errors import UnfogError
+    from unfog.run import sample
+
+    out = Path(cfg.output_dir) if cfg.output_dir else _output_dir()
+    try:
+        result = sample(cfg, out)
+    except UnfogError as exc:
+        _fail(exc)
+        raise
+    print(f"unfog: wrote {len(result.samples)} samples to {result.npz}" + (f" and {result.grid}" if result.grid else ""))
+    if result.metrics:
+        for key, value in result.metrics.items():
+            print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+
+
+def _config(overrides: list[str]) -> int:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from unfog.config import register_configs
+    from unfog.errors import UnfogError
+    from unfog.run import validate
+
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=overrides)
+        validate(cfg)
+    except Exception as exc:
+        _fail(exc if isinstance(exc, UnfogError) else RuntimeError(_explain(exc)))
+    print(OmegaConf.to_yaml(cfg), end="")
+    return 0
+
+
+def _list(args: list[str]) -> int:
+    import unfog
+    from unfog.config import params_of
+
+    kinds = args[:1] or list(unfog.KINDS)
+    for kind in kinds:
+        try:
+            names = unfog.available(kind, args[1] if len(args) > 1 else None)
+        except unfog.registry.RegistryError as exc:
+            _fail(exc)
+        print(f"{kind}:")
+        for name in names:
+            entry = unfog.get(kind, name)
+            fields = ", ".join(f"{p.name}={p.default!r}" for p in params_of(entry.obj))
+            print(f"  {name:<16} {entry.summary}")
+            if len(kinds) == 1 and fields:
+                print(f"  {'':<16} {fields}")
+    return 0
+
+
+def _plugins(args: list[str]) -> int:
+    import unfog
+
+    for p in unfog.plugins():
+        status = f"FAILED: {p.error}" if p.error else ", ".join(f"{k}/{n}" for k, n in p.provides) or "nothing"
+        print(f"{p.distribution or '?'} {p.version or ''}  [{p.name} -> {p.module}]  {status}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Experiment loggers: wandb by default (offline without a key or network), CSV, TensorBoard."""
+
+from __future__ import annotations
+
+import netrc
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from unfog.errors import ConfigError
+
+LOGGERS = ("wandb", "csv", "tensorboard")
+WANDB_HOST = "api.wandb.ai"
+
+
+def wandb_api_key() -> str | None:
+    """The wandb API key from the environment or ~/.netrc, if any."""
+    key = os.environ.get("WANDB_API_KEY")
+    if key:
+        return key
+    try:
+        auth = netrc.netrc().authenticators(WANDB_HOST)
+    except (OSError, netrc.NetrcParseError):
+        return None
+    return auth[2] if auth else None
+
+
+def _reachable(host: str, port: int = 443, timeout: float = 2.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wandb_mode(offline: Any = "auto") -> str:
+    """``online`` or ``offline``: offline when asked, or with no API key, or no network."""
+    env = os.environ.get("WANDB_MODE")
+    if env in ("offline", "disabled", "dryrun"):
+        return "offline" if env == "dryrun" else env
+    if offline is True or offline == "true":
+        return "offline"
+    if offline not in ("auto", False, "false"):
+        raise ConfigError(f"logger.offline must be auto, true or false; got {offline!r}.")
+    if wandb_api_key() is None or not _reachable(WANDB_HOST):
+        return "offline"
+    return "online"
+
+
+def build_logger(node: Any, run_dir: Path, config: dict[str, Any] | None = None) -> Any:
+    """A Lightning logger from a ``logger`` config node (``None`` means no logger)."""
+    if node is None:
+        return False
+    kwargs = dict(node)
+    name = kwargs.pop("_name_", None)
+    if name == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        mode = wandb_mode(kwargs.pop("offline", "auto"))
+        os.environ.setdefault("WANDB_SILENT", "true")
+        logger = WandbLogger(save_dir=str(run_dir), mode=mode, config=config, **_drop_none(kwargs))
+        return logger
+    if name == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(save_dir=str(run_dir), name="csv", version="", **kwargs)
+    if name == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", **kwargs)
+    raise ConfigError(f"Unknown logger {name!r}; choose one of {', '.join(LOGGERS)} with logger=NAME.")
+
+
+def _drop_none(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def log_picture(logger: Any, key: str, picture: np.ndarray, step: int) -> None:
+    """Send a uint8 H×W×C picture to whichever logger is in use."""
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    if isinstance(logger, WandbLogger):
+        logger.log_image(key=key, images=[picture], step=step)
+    elif isinstance(logger, TensorBoardLogger):
+        logger.experiment.add_image(key, picture, step, dataformats="HWC")

@@ -1,0 +1,264 @@
+"""What ``unfog train`` and ``unfog sample`` do once a config is composed."""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import unfog
+from unfog import registry
+from unfog.config import build, component_kwargs, plain
+from unfog.diffusion import check_prediction
+from unfog.errors import ConfigError
+from unfog.model import DiffusionModel
+
+log = logging.getLogger("unfog")
+
+COMPONENT_KINDS = ("dataset", "backbone", "schedule", "sampler", "conditioner")
+
+
+def validate(cfg: Mapping[str, Any]) -> dict[str, registry.Entry]:
+    """Check a composed train config without building anything; return the chosen entries.
+
+    Refuses unknown components, bad parameter values and prediction targets, and
+    combinations that cannot work, with a message that says why.
+    """
+    check_prediction(cfg["prediction"])
+    chosen = {kind: component_kwargs(kind, cfg[kind])[0] for kind in COMPONENT_KINDS if cfg.get(kind) is not None}
+    backbone = chosen["backbone"].obj
+    cond = chosen.get("conditioner")
+    if cond is not None and getattr(cond.obj, "route", None) not in getattr(backbone, "routes", ()):
+        raise ConfigError(
+            f"conditioner {cond.name!r} routes to {getattr(cond.obj, 'route', '?')!r}, but backbone "
+            f"{chosen['backbone'].name!r} consumes only {list(getattr(backbone, 'routes', ()))}."
+        )
+    guidance = float(cfg["sampling"]["guidance"])
+    if guidance != 1.0 and cond is None:
+        raise ConfigError(
+            f"sampling.guidance={guidance} needs a conditioner; set sampling.guidance=1 or add conditioner=NAME."
+        )
+    return chosen
+
+
+def check_data(cfg: Mapping[str, Any], dataset: Any, chosen: Mapping[str, registry.Entry]) -> None:
+    """Refuse a backbone or conditioner that does not fit the data, before building the model."""
+    b = chosen["backbone"]
+    rank = len(dataset.data_shape)
+    if rank not in b.obj.data_ranks:
+        raise ConfigError(
+            f"backbone {b.name!r} takes samples of rank {list(b.obj.data_ranks)}, but dataset "
+            f"{chosen['dataset'].name!r} gives shape {tuple(dataset.data_shape)} (rank {rank}); "
+            f"choose another backbone (`unfog list backbone`)."
+        )
+    c = chosen.get("conditioner")
+    if c is None:
+        return
+    field = dict(plain(cfg["conditioner"])).get("field", "label")
+    if field not in dataset.fields:
+        raise ConfigError(
+            f"conditioner {c.name!r} reads the batch field {field!r}, but dataset "
+            f"{chosen['dataset'].name!r} provides only {list(dataset.fields)}; "
+            f"drop it with `~conditioner` or pick a dataset that has {field!r}."
+        )
+
+
+def build_model(cfg: Mapping[str, Any], data_shape: tuple[int, ...], num_classes: int | None) -> DiffusionModel:
+    """The backbone and its conditioners, wired to the data and to each other."""
+    conditioners = {}
+    node = cfg.get("conditioner")
+    if node is not None:
+        c = build("conditioner", node, num_classes=num_classes)
+        conditioners[dict(plain(node))["_name_"]] = c
+    cond_dim = sum(c.dim for c in conditioners.values() if c.route == "vector")
+    backbone = build("backbone", cfg["backbone"], data_shape=tuple(data_shape), cond_dim=cond_dim)
+    return DiffusionModel(backbone, conditioners)
+
+
+def versions(entries: Mapping[str, registry.Entry]) -> dict[str, str]:
+    """Versions of unfog, torch, lightning and every distribution providing a chosen component."""
+    names = {"unfog", "torch", "lightning"} | {e.distribution for e in entries.values() if e.distribution}
+    out = {}
+    for name in sorted(names):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+@dataclass
+class TrainResult:
+    """Where a finished training run left its outputs."""
+
+    run_dir: Path
+    checkpoint: Path
+    samples: Path | None
+    steps: int
+    seconds: float
+    final_loss: float | None
+
+
+def train(cfg: Mapping[str, Any], run_dir: Path) -> TrainResult:
+    """Train the composed config, writing checkpoints, samples and logs into ``run_dir``."""
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from torch.utils.data import DataLoader
+
+    from unfog.callbacks import AtomicCheckpointIO, SampleGrid
+    from unfog.loggers import build_logger
+    from unfog.training import DiffusionModule
+
+    chosen = validate(cfg)
+    if cfg["ckpt_path"] and not Path(cfg["ckpt_path"]).is_file():
+        raise ConfigError(f"ckpt_path={cfg['ckpt_path']} does not exist; give a checkpoint file to resume from.")
+    L.seed_everything(cfg["seed"], workers=True, verbose=False)
+    dataset = build("dataset", cfg["dataset"])
+    check_data(cfg, dataset, chosen)
+    schedule = build("schedule", cfg["schedule"])
+    sampler = build("sampler", cfg["sampler"])
+    model = build_model(cfg, tuple(dataset.data_shape), dataset.num_classes)
+    resolved = plain(cfg)
+    meta = {
+        "config": resolved,
+        "versions": versions(chosen),
+        "wiring": {
+            "data_shape": list(dataset.data_shape),
+            "num_classes": dataset.num_classes,
+            "data_range": list(dataset.data_range) if dataset.data_range else None,
+        },
+    }
+    opt, ema, smp = cfg["optim"], cfg["ema"], cfg["sampling"]
+    module = DiffusionModule(
+        model, schedule, cfg["prediction"], lr=opt["lr"], weight_decay=opt["weight_decay"],
+        betas=tuple(opt["betas"]), warmup_steps=opt["warmup_steps"], ema_decay=ema["decay"],
+        ema_warmup=ema["warmup"], meta=meta,
+    )
+    bs = cfg["data"]["batch_size"]
+    workers = cfg["data"]["num_workers"]
+    loader = DataLoader(dataset, batch_size=bs, shuffle=True, drop_last=len(dataset) >= bs,
+                        num_workers=workers, persistent_workers=workers > 0)
+    logger = build_logger(plain(cfg.get("logger")), run_dir, config={**resolved, "versions": meta["versions"]})
+    ckpt_dir = run_dir / "checkpoints"
+    grid = SampleGrid(sampler, run_dir / "samples", tuple(dataset.data_shape), dataset.data_range,
+                      smp["every_n_steps"], smp["num_samples"], smp["seed"], smp["guidance"], smp["clip"],
+                      smp["batch_size"])
+    callbacks: list[Any] = [
+        ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                        every_n_train_steps=cfg["checkpoint"]["every_n_steps"]),
+        grid,
+    ]
+    if logger:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    trainer = L.Trainer(**dict(plain(cfg["trainer"])), logger=logger, callbacks=callbacks,
+                        plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir))
+    start = time.perf_counter()
+    trainer.fit(module, loader, ckpt_path=cfg["ckpt_path"])
+    seconds = time.perf_counter() - start
+    last = ckpt_dir / "last.ckpt"
+    trainer.save_checkpoint(last)
+    loss = trainer.callback_metrics.get("train/loss")
+    if logger and hasattr(logger, "experiment") and _is_wandb(logger):
+        logger.experiment.finish()
+    return TrainResult(run_dir, last, grid.last_path, trainer.global_step, seconds,
+                       float(loss) if loss is not None else None)
+
+
+def _is_wandb(logger: Any) -> bool:
+    return type(logger).__name__ == "WandbLogger"
+
+
+def load_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[DiffusionModel, Any, dict[str, Any]]:
+    """Rebuild the model (EMA weights by default) and schedule stored in a training checkpoint.
+
+    The file is untrusted input: it is read with ``weights_only=True``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint={path} does not exist; pass a run's checkpoints/last.ckpt.")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    meta = ckpt.get("unfog")
+    if not meta:
+        raise ConfigError(f"{path} is not an unfog training checkpoint (it has no 'unfog' section).")
+    cfg, wiring = meta["config"], meta["wiring"]
+    model = build_model(cfg, tuple(wiring["data_shape"]), wiring["num_classes"])
+    prefix = "ema.module." if use_ema else "model."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    model.load_state_dict(state)
+    schedule = build("schedule", cfg["schedule"])
+    return model.eval(), schedule, meta
+
+
+@dataclass
+class SampleResult:
+    """What ``unfog sample`` wrote."""
+
+    samples: torch.Tensor
+    labels: torch.Tensor | None
+    grid: Path | None
+    npz: Path
+    metrics: dict[str, float] | None
+
+
+def sample(cfg: Mapping[str, Any], out_dir: Path) -> SampleResult:
+    """Draw ``num_samples`` from a checkpoint with any sampler; write a PNG grid and ``.npz``."""
+    import numpy as np
+
+    from unfog.images import picture, save_png
+    from unfog.sampling import default_values, generate
+
+    model, schedule, meta = load_checkpoint(cfg["checkpoint"], cfg["use_ema"])
+    sampler = build("sampler", cfg["sampler"])
+    metric = build("metric", cfg["metric"]) if cfg.get("metric") is not None else None
+    wiring = meta["wiring"]
+    n = int(cfg["num_samples"])
+    device = _device(cfg["device"])
+    model.to(device)
+    values, labels = _sample_values(model, n, cfg.get("labels"))
+    clip = tuple(wiring["data_range"]) if cfg["clip"] and wiring["data_range"] else None
+    samples = generate(model, schedule, sampler, meta["config"]["prediction"], wiring["data_shape"], range(n),
+                       seed=cfg["seed"], values=values, guidance=cfg["guidance"], clip=clip,
+                       batch_size=cfg["batch_size"], device=device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    npz = out_dir / "samples.npz"
+    arrays = {"samples": samples.numpy()} | ({"labels": labels.numpy()} if labels is not None else {})
+    np.savez(npz, **arrays)
+    pic = picture(samples, wiring["num_classes"] if labels is not None else None,
+                  tuple(wiring["data_range"]) if wiring["data_range"] else None)
+    grid = save_png(pic, out_dir / "samples.png") if pic is not None else None
+    metrics = None
+    if metric is not None:
+        metric.update(generated=samples, labels=labels)
+        metrics = metric.compute()
+        record = {"metric": plain(cfg["metric"]), "result": metrics, "sampler": plain(cfg["sampler"]),
+                  "guidance": cfg["guidance"], "num_samples": n, "seed": cfg["seed"],
+                  "checkpoint": str(cfg["checkpoint"]), "unfog": unfog.__version__}
+        (out_dir / "metrics.json").write_text(json.dumps(record, indent=2))
+    return SampleResult(samples, labels, grid, npz, metrics)
+
+
+def _sample_values(model: DiffusionModel, n: int, labels: Any) -> tuple[dict[str, Any] | None, Any]:
+    if not len(model.conditioners):
+        if labels:
+            raise ConfigError("labels=... was given, but this model has no conditioner.")
+        return None, None
+    if labels:
+        field = next(iter(model.conditioners.values())).field
+        values = {field: torch.tensor(list(labels))[torch.arange(n) % len(labels)]}
+    else:
+        values = default_values(model, n)
+    first = next(iter(values.values()))
+    return values, first
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

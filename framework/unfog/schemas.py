@@ -1,0 +1,122 @@
+"""Typed schemas of the configs that are not components: the root train and sample configs
+and the Lightning trainer. Unknown keys and wrong types fail at compose time."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+# Trainer arguments that unfog builds itself from other config groups.
+_TRAINER_BUILT = frozenset({"logger", "callbacks", "plugins", "default_root_dir"})
+
+
+@dataclass
+class DataConfig:
+    """How batches are drawn from the dataset."""
+
+    batch_size: int = 128
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (Loshchilov & Hutter 2019) with a linear warm-up of the learning rate."""
+
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the weights, used for sampling."""
+
+    decay: float = 0.999
+    warmup: bool = True  # decay_n = min(decay, (1 + n) / (10 + n)) early in training
+
+
+@dataclass
+class SamplingConfig:
+    """The fixed-seed sample grid drawn with the EMA weights while training."""
+
+    every_n_steps: int = 1000
+    num_samples: int = 64
+    seed: int = 0
+    guidance: float = 1.0
+    clip: bool = True
+    batch_size: int = 256
+
+
+@dataclass
+class CheckpointConfig:
+    """How often ``last.ckpt`` is refreshed (it is always written at the end too)."""
+
+    every_n_steps: int = 500
+
+
+@dataclass
+class TrainConfig:
+    """Root of ``unfog train``: the components and the training settings."""
+
+    dataset: Any = MISSING
+    backbone: Any = MISSING
+    schedule: Any = MISSING
+    sampler: Any = MISSING
+    conditioner: Any = None
+    trainer: Any = MISSING
+    logger: Any = None
+    prediction: str = "eps"
+    seed: int = 0
+    ckpt_path: Optional[str] = None
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+@dataclass
+class SampleConfig:
+    """Root of ``unfog sample``: a checkpoint, any sampler, and what to draw."""
+
+    checkpoint: str = MISSING
+    sampler: Any = MISSING
+    metric: Any = None
+    num_samples: int = 64
+    batch_size: int = 256
+    guidance: float = 1.0
+    seed: int = 0
+    labels: Optional[list[int]] = None
+    clip: bool = True
+    device: str = "auto"
+    output_dir: Optional[str] = None
+    use_ema: bool = True
+
+
+def trainer_schema() -> type:
+    """A dataclass of ``lightning.Trainer``'s keyword arguments (values untyped, keys checked)."""
+    from lightning import Trainer
+
+    fields = []
+    for p in inspect.signature(Trainer.__init__).parameters.values():
+        if p.name == "self" or p.name in _TRAINER_BUILT or p.kind is not p.KEYWORD_ONLY and p.kind is not p.POSITIONAL_OR_KEYWORD:
+            continue
+        default = p.default if _is_plain(p.default) else None
+        fields.append((p.name, Any, dataclasses.field(default=default)))
+    return dataclasses.make_dataclass("trainer", fields)
+
+
+def _is_plain(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def register_static_schemas(cs: Any) -> None:
+    """Store the root and trainer schemas in Hydra's ConfigStore."""
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="sample_schema", node=SampleConfig)
+    cs.store(group="trainer", name="trainer_schema", node=trainer_schema())

@@ -1,0 +1,188 @@
+"""Contract test suites that every component of a kind must pass.
+
+A plugin's tests subclass the suite for its kind and name the component::
+
+    from unfog.testing import SamplerContract
+
+    class TestMySampler(SamplerContract):
+        key = "my_sampler"
+        kwargs = {"steps": 10}
+
+unfog's own ``tests/contract`` runs these suites over every registered component.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from omegaconf import OmegaConf
+
+import unfog
+from unfog.config import schema
+from unfog.diffusion import Denoiser, SeededNoise
+from unfog.protocols import ROUTES
+
+
+class Contract:
+    """Shared parts: the component's kind, key and constructor arguments."""
+
+    kind: ClassVar[str] = ""
+    key: ClassVar[str] = ""
+    kwargs: ClassVar[dict[str, Any]] = {}
+
+    def build(self, **extra: Any) -> Any:
+        return unfog.create(self.kind, self.key, **{**self.kwargs, **extra})
+
+    def test_registered_with_a_valid_schema(self) -> None:
+        entry = unfog.get(self.kind, self.key)
+        node = OmegaConf.structured(schema(entry))
+        assert node._name_ == self.key
+        assert entry.summary, f"{self.kind} {self.key!r} needs a docstring whose first line says what it is"
+
+
+def gaussian_denoiser(schedule: Any, mean: float = 0.5, std: float = 0.8) -> Denoiser:
+    """The exact denoiser for data ~ N(mean, std²) per coordinate (posterior mean of x₀)."""
+
+    def model(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        a = schedule.alpha(t).reshape(-1, *([1] * (x.ndim - 1)))
+        s = schedule.sigma(t).reshape(-1, *([1] * (x.ndim - 1)))
+        return mean + a * std**2 / (a**2 * std**2 + s**2) * (x - a * mean)
+
+    return Denoiser(model, schedule, prediction="x0")
+
+
+class SamplerContract(Contract):
+    """A sampler maps noise to data of the same shape, reproducibly, per sample."""
+
+    kind = "sampler"
+    schedule: ClassVar[tuple[str, dict[str, Any]]] = ("cosine", {"num_timesteps": 200})
+
+    def _run(self, indices: list[int], seed: int = 0) -> torch.Tensor:
+        name, kw = self.schedule
+        den = gaussian_denoiser(unfog.create("schedule", name, **kw))
+        rng = SeededNoise.for_indices(seed, indices)
+        noise = rng.randn_like(torch.empty(len(indices), 3))
+        return self.build().sample(den, noise, rng)
+
+    def test_shape_and_finite(self) -> None:
+        out = self._run(list(range(16)))
+        assert out.shape == (16, 3) and torch.isfinite(out).all()
+
+    def test_reproducible_and_independent_of_batch(self) -> None:
+        batch = self._run(list(range(6)), seed=3)
+        again = self._run(list(range(6)), seed=3)
+        alone = self._run([4], seed=3)
+        torch.testing.assert_close(batch, again, rtol=0, atol=0)
+        torch.testing.assert_close(batch[4:5], alone, rtol=1e-5, atol=1e-5)
+
+    def test_moves_towards_the_data(self) -> None:
+        out = self._run(list(range(2000)))
+        assert abs(float(out.mean()) - 0.5) < 0.1 and abs(float(out.std()) - 0.8) < 0.15
+
+
+class ScheduleContract(Contract):
+    """α and σ lie in [0, 1]-ish ranges, α falls and σ rises with t, t samples in (0, 1]."""
+
+    kind = "schedule"
+
+    def test_alpha_sigma(self) -> None:
+        s = self.build()
+        t = torch.linspace(0, 1, 101)
+        a, g = s.alpha(t), s.sigma(t)
+        assert a.shape == t.shape and g.shape == t.shape
+        assert torch.isfinite(a).all() and torch.isfinite(g).all()
+        assert (a[1:] <= a[:-1] + 1e-6).all() and (g[1:] >= g[:-1] - 1e-6).all()
+        assert float(a[0]) > 0.99 and float(g[0]) < 0.01
+
+    def test_sample_t(self) -> None:
+        s = self.build()
+        t = s.sample_t(1000, generator=torch.Generator().manual_seed(0))
+        assert t.shape == (1000,) and float(t.min()) > 0 and float(t.max()) <= 1
+
+
+class BackboneContract(Contract):
+    """Output shaped like the input, conditioning accepted, gradients reach every parameter."""
+
+    kind = "backbone"
+    data_shape: ClassVar[tuple[int, ...]] = ()
+
+    def _shape(self) -> tuple[int, ...]:
+        if self.data_shape:
+            return self.data_shape
+        rank = unfog.get(self.kind, self.key).obj.data_ranks[0]
+        return {1: (4,), 2: (2, 16), 3: (1, 8, 8)}[rank]
+
+    def test_forward_shape(self) -> None:
+        shape = self._shape()
+        net = self.build(data_shape=shape, cond_dim=0)
+        x = torch.randn(3, *shape)
+        assert net(x, torch.rand(3), {}).shape == x.shape
+
+    def test_vector_conditioning_and_gradients(self) -> None:
+        if "vector" not in unfog.get(self.kind, self.key).obj.routes:
+            return
+        shape = self._shape()
+        net = self.build(data_shape=shape, cond_dim=5)
+        for p in net.parameters():  # undo zero-initialised output layers so every path gets gradient
+            if p.detach().abs().sum() == 0:
+                torch.nn.init.normal_(p, std=0.02)
+        x = torch.randn(3, *shape)
+        out = net(x, torch.rand(3), {"vector": torch.randn(3, 5)})
+        out.square().mean().backward()
+        missing = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing, f"parameters without gradient (DDP would fail): {missing[:5]}"
+
+
+class ConditionerContract(Contract):
+    """Embeds n values as (n, dim) on a known route; dropped rows equal the null embedding."""
+
+    kind = "conditioner"
+    values: ClassVar[Any] = None
+
+    def test_embed_and_null(self) -> None:
+        c = self.build()
+        assert c.route in ROUTES
+        values = self.values if self.values is not None else c.null_value(4)
+        n = len(values)
+        out = c(values)
+        assert out.shape[0] == n and out.shape[-1] == c.dim
+        dropped = c(values, torch.ones(n, dtype=torch.bool))
+        torch.testing.assert_close(dropped, c(c.null_value(n)))
+
+
+class DatasetContract(Contract):
+    """Items are dicts whose ``x`` has ``data_shape``, within ``data_range``, with ``fields``."""
+
+    kind = "dataset"
+
+    def test_items_match_metadata(self) -> None:
+        ds = self.build()
+        assert len(ds) > 0
+        item = ds[0]
+        assert set(ds.fields) <= set(item), f"item lacks fields {set(ds.fields) - set(item)}"
+        assert tuple(item["x"].shape) == tuple(ds.data_shape)
+        assert item["x"].dtype == torch.float32
+        if ds.data_range is not None:
+            lo, hi = ds.data_range
+            assert lo - 1e-6 <= float(item["x"].min()) and float(item["x"].max()) <= hi + 1e-6
+        if "label" in ds.fields:
+            assert ds.num_classes and 0 <= int(item["label"]) < ds.num_classes
+
+
+class MetricContract(Contract):
+    """update/compute/reset: a metric returns a dict of floats and forgets after reset."""
+
+    kind = "metric"
+
+    def inputs(self) -> dict[str, Any]:
+        raise NotImplementedError("give the metric's test inputs as keyword arguments of update()")
+
+    def test_update_compute_reset(self) -> None:
+        m = self.build()
+        m.update(**self.inputs())
+        result = m.compute()
+        assert result and all(isinstance(v, (int, float)) for v in result.values())
+        m.reset()
+        m.update(**self.inputs())
+        assert m.compute() == result

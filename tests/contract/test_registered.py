@@ -1,0 +1,89 @@
+"""Every registered component against its kind's contract (unfog.testing).
+
+Test classes are generated from the registry itself, so a component is covered the moment
+it is registered; only its test-size arguments may need an entry in ``KWARGS``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import unfog
+from unfog import testing
+
+SUITES: dict[str, type] = {
+    "backbone": testing.BackboneContract,
+    "schedule": testing.ScheduleContract,
+    "sampler": testing.SamplerContract,
+    "conditioner": testing.ConditionerContract,
+    "dataset": testing.DatasetContract,
+    "metric": testing.MetricContract,
+}
+
+
+def _image_folder() -> str:
+    root = Path(tempfile.mkdtemp(prefix="unfog-contract-"))
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (root / label).mkdir()
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(root / label / f"{i}.png")
+    return str(root)
+
+
+KWARGS: dict[tuple[str, str], Any] = {
+    ("backbone", "unet"): dict(channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
+                               groups=8, dropout=0.0),
+    ("backbone", "mlp"): dict(hidden=32, depth=2, time_dim=16),
+    ("conditioner", "class_label"): dict(num_classes=3, dim=8),
+    ("dataset", "image_folder"): lambda: dict(root=_image_folder(), size=8),
+    ("dataset", "toy2d"): dict(size=64),
+}
+SKIP: dict[tuple[str, str], str] = {
+    ("dataset", "cifar10"): "needs the CIFAR-10 files; tests/unit/test_datasets.py covers it with a fake copy",
+    ("dataset", "mnist"): "needs the MNIST files; tests/unit/test_datasets.py covers its offline error",
+}
+
+
+def _digits_inputs(self: Any) -> dict[str, Any]:
+    from unfog_datasets.digits import digits_split
+
+    x, y = digits_split("test")
+    return {"generated": x[:60], "labels": y[:60]}
+
+
+EXTRA: dict[tuple[str, str], dict[str, Any]] = {
+    ("metric", "digits_classifier"): {"inputs": _digits_inputs},
+    ("conditioner", "class_label"): {"values": torch.tensor([0, 2, 1, 1])},
+}
+
+
+def _suite(kind: str, name: str) -> type:
+    kwargs = KWARGS.get((kind, name), {})
+    attrs: dict[str, Any] = {"key": name, **EXTRA.get((kind, name), {})}
+    if callable(kwargs):
+        attrs["kwargs"] = property(lambda self, f=kwargs: f())  # built lazily, once per test
+    else:
+        attrs["kwargs"] = kwargs
+    if (kind, name) in SKIP:
+        attrs = {**attrs, "pytestmark": pytest.mark.skip(reason=SKIP[(kind, name)])}
+    cls = type(f"Test_{kind}_{name}", (SUITES[kind],), attrs)
+    return cls
+
+
+for _kind in unfog.KINDS:
+    for _name in unfog.available(_kind):
+        _cls = _suite(_kind, _name)
+        globals()[_cls.__name__] = _cls
+
+
+def test_every_kind_has_components() -> None:
+    for kind in unfog.KINDS:
+        assert unfog.available(kind), f"no {kind} registered"
