@@ -9,6 +9,7 @@ from torch import Tensor
 
 from unfog import register
 from unfog.diffusion import alpha_sigma
+from unfog.errors import ConfigError
 from unfog.protocols import DenoiserFn, NoiseSource
 from unfog.timesteps import sampling_times
 
@@ -35,6 +36,10 @@ class DDPMSampler:
         spacing: Literal["leading", "trailing", "linspace"] = "leading",
         variance: Literal["small", "large"] = "small",
     ) -> None:
+        if steps is not None and steps < 1:
+            raise ConfigError(f"ddpm: steps must be at least 1 (or null for every step); got {steps}.")
+        if variance not in ("small", "large"):
+            raise ConfigError(f"ddpm: variance must be 'small' or 'large'; got {variance!r}.")
         self.steps = steps
         self.spacing = spacing
         self.variance = variance
@@ -42,7 +47,7 @@ class DDPMSampler:
     def sample(self, denoiser: DenoiserFn, noise: Tensor, rng: NoiseSource | None = None) -> Tensor:
         """Denoise ``noise`` (at t = 1) to data (at t = 0)."""
         schedule = denoiser.schedule
-        steps = self.steps or schedule.num_timesteps or 1000
+        steps = self.steps if self.steps is not None else schedule.num_timesteps or 1000
         times = sampling_times(schedule, steps, self.spacing).tolist()
         x = noise
         for t, s in zip(times[:-1], times[1:]):
