@@ -39,6 +39,8 @@ def _reachable(host: str, port: int = 443, timeout: float = 2.0) -> bool:
 def wandb_mode(offline: Any = "auto") -> str:
     """``online`` or ``offline``: offline when asked, or with no API key, or no network."""
     env = os.environ.get("WANDB_MODE")
+    if env == "":  # set but empty: wandb itself would reject it, so treat it as unset
+        del os.environ["WANDB_MODE"]
     if env in ("offline", "disabled", "dryrun"):
         return "offline" if env == "dryrun" else env
     if offline is True or offline == "true":

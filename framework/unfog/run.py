@@ -160,10 +160,10 @@ def train(cfg: Mapping[str, Any], run_dir: Path) -> TrainResult:
     trainer = L.Trainer(**dict(plain(cfg["trainer"])), logger=logger, callbacks=callbacks,
                         plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir))
     start = time.perf_counter()
-    trainer.fit(module, loader, ckpt_path=cfg["ckpt_path"])
+    trainer.fit(module, loader, ckpt_path=cfg["ckpt_path"], weights_only=True)  # checkpoints are untrusted
     seconds = time.perf_counter() - start
     last = ckpt_dir / "last.ckpt"
-    trainer.save_checkpoint(last)
+    trainer.save_checkpoint(last, weights_only=False)
     loss = trainer.callback_metrics.get("train/loss")
     if logger and hasattr(logger, "experiment") and _is_wandb(logger):
         logger.experiment.finish()
@@ -245,6 +245,8 @@ def sample(cfg: Mapping[str, Any], out_dir: Path) -> SampleResult:
 
 
 def _sample_values(model: DiffusionModel, n: int, labels: Any) -> tuple[dict[str, Any] | None, Any]:
+    from unfog.sampling import default_values
+
     if not len(model.conditioners):
         if labels:
             raise ConfigError("labels=... was given, but this model has no conditioner.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +15,9 @@ from unfog.diffusion import check_prediction, expand, training_target
 from unfog.errors import NonFiniteLossError
 from unfog.model import DiffusionModel
 from unfog.protocols import Schedule
+
+# The EMA copy stays in eval mode on purpose; Lightning warns about any eval-mode module.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 class EMA(nn.Module):
@@ -115,7 +119,7 @@ class DiffusionModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         opt = torch.optim.AdamW(
-            self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay, betas=self.betas
+            self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay, betas=self.betas, foreach=True
         )
         warmup = max(self.warmup_steps, 0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)

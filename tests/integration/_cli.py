@@ -19,9 +19,11 @@ def unfog_cmd() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "unfog.cli"]
 
 
-def run(*args: str, cwd: Path, env: dict[str, str] | None = None, check: bool = True,
+def run(*args: str, cwd: Path, env: dict[str, str | None] | None = None, check: bool = True,
         timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``unfog ARGS`` in ``cwd``; ``env`` entries set to None are removed from the environment."""
     full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}
     proc = subprocess.run([*unfog_cmd(), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
                           stdin=subprocess.DEVNULL, timeout=timeout)
     if check and proc.returncode != 0:

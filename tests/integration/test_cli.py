@@ -71,7 +71,7 @@ def test_sweep_runs_one_job_per_value(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("logger", ["wandb", "tensorboard"])
 def test_other_loggers_run_offline_without_prompting(logger: str, tmp_path: Path) -> None:
-    env = {"WANDB_API_KEY": "", "WANDB_MODE": "", "HOME": str(tmp_path)}  # no key: must go offline by itself
+    env = {"WANDB_API_KEY": None, "WANDB_MODE": None, "HOME": str(tmp_path)}  # no key: must go offline itself
     run("train", *TINY, f"logger={logger}", "trainer.max_steps=2", "sampling.every_n_steps=1",
         f"hydra.run.dir={tmp_path}", cwd=tmp_path, env=env, timeout=240)
     if logger == "wandb":
