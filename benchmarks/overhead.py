@@ -110,7 +110,8 @@ def time_sampling(model, schedule, batch, sampler_steps: int, device: str, guida
     full = time.perf_counter() - start
     den = model.denoiser(schedule, "eps", values, n, guidance)
     x = torch.randn_like(batch["x"])
-    xx, tt = (torch.cat([x, x]), torch.rand(2 * n, device=device)) if guidance != 1 else (x, torch.rand(n, device=device))
+    xx = torch.cat([x, x]) if guidance != 1 else x
+    tt = torch.rand(len(xx), device=device)
     cond = {k: torch.cat([v, den.uncond[k]]) for k, v in den.cond.items()} if guidance != 1 else den.cond
     with torch.no_grad():
         model(xx, tt, cond)

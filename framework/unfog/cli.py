@@ -129,7 +129,8 @@ def _sample_task(cfg: Any) -> None:
     except UnfogError as exc:
         _fail(exc)
         raise
-    print(f"unfog: wrote {len(result.samples)} samples to {result.npz}" + (f" and {result.grid}" if result.grid else ""))
+    grid = f" and {result.grid}" if result.grid else ""
+    print(f"unfog: wrote {len(result.samples)} samples to {result.npz}{grid}")
     if result.metrics:
         for key, value in result.metrics.items():
             print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")

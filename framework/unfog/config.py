@@ -74,7 +74,8 @@ def _config_type(hint: Any) -> tuple[Any, tuple[Any, ...] | None, bool]:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if len(args) == 1:
             inner, choices, is_tuple = _config_type(args[0])
-            return (Optional[inner] if inner is not Any else Any), choices, is_tuple
+            # OmegaConf understands typing.Optional, not the X | None union object.
+            return (Optional[inner] if inner is not Any else Any), choices, is_tuple  # noqa: UP045
         return Any, None, False
     if origin in (tuple, list):
         args = [a for a in typing.get_args(hint) if a is not Ellipsis]
@@ -136,7 +137,7 @@ def component_kwargs(kind: str, node: Mapping[str, Any]) -> tuple[registry.Entry
             )
         if value == MISSING or value == "???":
             raise ConfigError(f"{kind} {name!r} needs a value for {key!r}: add `{kind}.{key}=VALUE`.")
-        if p.choices is not None and value not in p.choices:
+        if p.choices is not None and value is not None and value not in p.choices:
             raise ConfigError(
                 f"{kind} {name!r}: {key} must be one of {', '.join(map(str, p.choices))}; got {value!r}."
             )

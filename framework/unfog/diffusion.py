@@ -16,7 +16,7 @@ from torch import Tensor
 from unfog.errors import ConfigError
 from unfog.protocols import Cond, Denoised, Schedule
 
-PREDICTIONS: tuple[str, ...] = ("eps", "x0", "v")
+PREDICTIONS: tuple[str, ...] = ("eps", "x0", "v", "flow")
 
 
 def expand(v: Tensor, x: Tensor) -> Tensor:
@@ -32,10 +32,31 @@ def check_prediction(prediction: str) -> None:
         )
 
 
-def training_target(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, prediction: str) -> Tensor:
+def derivatives(schedule: Schedule, t: Tensor) -> tuple[Tensor, Tensor]:
+    """dα/dt and dσ/dt at ``t``: the schedule's own ``dalpha``/``dsigma`` if it has them,
+    otherwise by automatic differentiation of ``alpha`` and ``sigma`` (in float64)."""
+    if hasattr(schedule, "dalpha") and hasattr(schedule, "dsigma"):
+        return schedule.dalpha(t), schedule.dsigma(t)
+    tt = t.detach().to(torch.float64).requires_grad_(True)
+    with torch.enable_grad():
+        da = torch.autograd.grad(schedule.alpha(tt).sum(), tt)[0]
+        ds = torch.autograd.grad(schedule.sigma(tt).sum(), tt)[0]
+    return da.to(_float(t)), ds.to(_float(t))
+
+
+def needs_derivatives(prediction: str) -> bool:
+    """Whether ``prediction`` is defined through dα/dt and dσ/dt (the ``flow`` velocity)."""
+    return prediction == "flow"
+
+
+def training_target(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, prediction: str,
+                    d_alpha: Tensor | None = None, d_sigma: Tensor | None = None) -> Tensor:
     """The regression target for ``prediction`` at x_t = α·x₀ + σ·ε.
 
-    ``v`` = α·ε − σ·x₀ is the velocity of Salimans & Ho (2022), Eq. (6) and appendix D.
+    ``v`` = α·ε − σ·x₀ is the velocity of Salimans & Ho (2022), Eq. (6) and appendix D;
+    ``flow`` = dx_t/dt = α'·x₀ + σ'·ε is the conditional flow-matching velocity
+    (Lipman et al. 2023, Eq. 9; ε − x₀ for rectified flow, Liu et al. 2023) and needs the
+    derivatives ``d_alpha``, ``d_sigma``.
     """
     a, s = expand(alpha, x0), expand(sigma, x0)
     if prediction == "eps":
@@ -44,15 +65,20 @@ def training_target(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, predi
         return x0
     if prediction == "v":
         return a * eps - s * x0
+    if prediction == "flow":
+        da, ds = _require(d_alpha, d_sigma, x0)
+        return da * x0 + ds * eps
     check_prediction(prediction)
     raise AssertionError("unreachable")
 
 
-def to_denoised(out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor, prediction: str) -> Denoised:
+def to_denoised(out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor, prediction: str,
+                d_alpha: Tensor | None = None, d_sigma: Tensor | None = None) -> Denoised:
     """Convert a network output for ``prediction`` at x_t = ``x`` into (x₀, ε) estimates.
 
     Inverts x = α·x₀ + σ·ε together with the target's definition; for ``v`` the 2×2 system
-    [x; v] = [[α, σ], [−σ, α]]·[x₀; ε] has determinant α² + σ².
+    [x; v] = [[α, σ], [−σ, α]]·[x₀; ε] has determinant α² + σ², for ``flow``
+    [x; u] = [[α, σ], [α', σ']]·[x₀; ε] has determinant α·σ' − σ·α'.
     """
     a, s = expand(alpha, x), expand(sigma, x)
     if prediction == "eps":
@@ -62,8 +88,18 @@ def to_denoised(out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor, prediction
     if prediction == "v":
         norm = a * a + s * s
         return Denoised((a * x - s * out) / norm, (s * x + a * out) / norm)
+    if prediction == "flow":
+        da, ds = _require(d_alpha, d_sigma, x)
+        det = a * ds - s * da
+        return Denoised((ds * x - s * out) / det, (a * out - da * x) / det)
     check_prediction(prediction)
     raise AssertionError("unreachable")
+
+
+def _require(d_alpha: Tensor | None, d_sigma: Tensor | None, x: Tensor) -> tuple[Tensor, Tensor]:
+    if d_alpha is None or d_sigma is None:
+        raise ValueError("the flow target needs dα/dt and dσ/dt; pass d_alpha and d_sigma")
+    return expand(d_alpha, x), expand(d_sigma, x)
 
 
 class DiscreteSchedule:
@@ -198,7 +234,8 @@ class Denoiser:
         out = self._forward(x, t)
         self.nfe += 1
         alpha, sigma = self.schedule.alpha(t), self.schedule.sigma(t)
-        d = to_denoised(out, x, alpha, sigma, self.prediction)
+        derivs = derivatives(self.schedule, t) if needs_derivatives(self.prediction) else (None, None)
+        d = to_denoised(out, x, alpha, sigma, self.prediction, *derivs)
         if self.clip is None:
             return d
         x0 = d.x0.clamp(*self.clip)

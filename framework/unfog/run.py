@@ -40,12 +40,24 @@ def validate(cfg: Mapping[str, Any]) -> dict[str, registry.Entry]:
             f"conditioner {cond.name!r} routes to {getattr(cond.obj, 'route', '?')!r}, but backbone "
             f"{chosen['backbone'].name!r} consumes only {list(getattr(backbone, 'routes', ()))}."
         )
+    check_schedule_and_prediction(build("schedule", cfg["schedule"]), cfg["prediction"])
     guidance = float(cfg["sampling"]["guidance"])
     if guidance != 1.0 and cond is None:
         raise ConfigError(
             f"sampling.guidance={guidance} needs a conditioner; set sampling.guidance=1 or add conditioner=NAME."
         )
     return chosen
+
+
+def check_schedule_and_prediction(schedule: Any, prediction: str) -> None:
+    """Refuse ``eps`` prediction on a schedule that reaches α = 0: x̂₀ = (x − σ·ε̂)/α has no
+    value there (Lin et al. 2024, Sec. 3.2)."""
+    alpha_end = float(schedule.alpha(torch.tensor([1.0], dtype=torch.float64))[0])
+    if prediction == "eps" and alpha_end < 1e-5:  # zero terminal SNR (to float precision)
+        raise ConfigError(
+            f"prediction=eps cannot work with this schedule: α(1) = {alpha_end:.2g}, so x₀ cannot be "
+            "recovered from a noise prediction at t = 1. Use prediction=v, x0 or flow."
+        )
 
 
 def check_data(cfg: Mapping[str, Any], dataset: Any, chosen: Mapping[str, registry.Entry]) -> None:
@@ -212,7 +224,7 @@ def sample(cfg: Mapping[str, Any], out_dir: Path) -> SampleResult:
     import numpy as np
 
     from unfog.images import picture, save_png
-    from unfog.sampling import default_values, generate
+    from unfog.sampling import generate
 
     model, schedule, meta = load_checkpoint(cfg["checkpoint"], cfg["use_ema"])
     sampler = build("sampler", cfg["sampler"])

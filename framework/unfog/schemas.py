@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -72,7 +72,7 @@ class TrainConfig:
     logger: Any = None
     prediction: str = "eps"
     seed: int = 0
-    ckpt_path: Optional[str] = None
+    ckpt_path: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
@@ -91,10 +91,10 @@ class SampleConfig:
     batch_size: int = 256
     guidance: float = 1.0
     seed: int = 0
-    labels: Optional[list[int]] = None
+    labels: list[int] | None = None
     clip: bool = True
     device: str = "auto"
-    output_dir: Optional[str] = None
+    output_dir: str | None = None
     use_ema: bool = True
 
 
@@ -104,7 +104,8 @@ def trainer_schema() -> type:
 
     fields = []
     for p in inspect.signature(Trainer.__init__).parameters.values():
-        if p.name == "self" or p.name in _TRAINER_BUILT or p.kind is not p.KEYWORD_ONLY and p.kind is not p.POSITIONAL_OR_KEYWORD:
+        keyword = p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        if p.name == "self" or p.name in _TRAINER_BUILT or not keyword:
             continue
         default = p.default if _is_plain(p.default) else None
         fields.append((p.name, Any, dataclasses.field(default=default)))

@@ -1,11 +1,22 @@
 """Sampling time grids: which t values a sampler visits, from t = 1 (noise) down to 0.
 
-For models trained on a discrete grid of T steps (t = i/T, i = 1..T) the three spacings of
-Lin et al. (2024), Table 2, choose S of the T grid points; continuous schedules use
-``uniform`` (S + 1 evenly spaced times from 1 to 0).
+Every grid has ``steps`` + 1 descending values ending with t = 0 (clean data). Spacings:
+
+- ``leading``, ``trailing``, ``linspace``: S of the T grid points of a discrete-time model,
+  as in Lin et al. (2024), Table 2.
+- ``uniform``: evenly spaced in t.
+- ``logsnr``: evenly spaced in λ = log(α/σ) (the half log-SNR of Lu et al. 2022).
+- ``karras``: σ̃ = σ/α spaced as (σ̃_max^(1/ρ) + i/(n−1)·(σ̃_min^(1/ρ) − σ̃_max^(1/ρ)))^ρ with
+  ρ = 7, Karras et al. (2022), Eq. (5).
+
+The continuous spacings work with any schedule, discrete or not; λ is kept within
+±``LAMBDA_CLIP`` so that schedules reaching α = 0 or σ = 0 still get a finite grid.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -13,7 +24,11 @@ from torch import Tensor
 from unfog.errors import ConfigError
 from unfog.protocols import Schedule
 
-SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace")
+DISCRETE_SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace")
+CONTINUOUS_SPACINGS: tuple[str, ...] = ("uniform", "logsnr", "karras")
+SPACINGS: tuple[str, ...] = DISCRETE_SPACINGS + CONTINUOUS_SPACINGS
+LAMBDA_CLIP = 10.0
+KARRAS_RHO = 7.0
 
 
 def discrete_indices(T: int, steps: int, spacing: str) -> Tensor:
@@ -34,15 +49,63 @@ def discrete_indices(T: int, steps: int, spacing: str) -> Tensor:
     return idx.sort(descending=True).values
 
 
-def sampling_times(schedule: Schedule, steps: int, spacing: str = "leading") -> Tensor:
-    """Times to visit, descending, ending with 0 (clean data): ``steps`` + 1 values (float64).
+def log_snr(schedule: Schedule, t: Tensor) -> Tensor:
+    """λ(t) = log(α(t)/σ(t)) in float64 (−∞ where α = 0, +∞ where σ = 0)."""
+    t = t.to(torch.float64)
+    return torch.log(schedule.alpha(t).to(torch.float64)) - torch.log(schedule.sigma(t).to(torch.float64))
 
-    Discrete schedules get grid points by ``spacing``; continuous ones a uniform grid.
-    """
+
+def time_at_log_snr(schedule: Schedule, lam: Tensor, iterations: int = 60) -> Tensor:
+    """The t in [0, 1] where λ(t) = ``lam``, by bisection (λ falls as t grows)."""
+    lo = torch.zeros_like(lam, dtype=torch.float64)
+    hi = torch.ones_like(lam, dtype=torch.float64)
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        above = log_snr(schedule, mid) > lam
+        lo = torch.where(above, mid, lo)
+        hi = torch.where(above, hi, mid)
+    return (lo + hi) / 2
+
+
+def _t_min(schedule: Schedule) -> float:
     T = schedule.num_timesteps
-    if T is None:
-        if steps < 1:
-            raise ConfigError(f"steps must be at least 1; got {steps}.")
-        return torch.linspace(1, 0, steps + 1, dtype=torch.float64)
-    idx = discrete_indices(T, steps, spacing)
-    return torch.cat([idx.to(torch.float64) / T, torch.zeros(1, dtype=torch.float64)])
+    return 1.0 / T if T is not None else float(getattr(schedule, "t_min", 0.0))
+
+
+Spacing = Literal["leading", "trailing", "linspace", "uniform", "logsnr", "karras"]
+
+
+def sampling_times(schedule: Schedule, steps: int, spacing: str | None = None) -> Tensor:
+    """``steps`` + 1 times to visit, descending from near 1, ending with 0 (float64).
+
+    ``spacing=None`` means ``leading`` for a discrete schedule and ``uniform`` otherwise.
+    """
+    if spacing is None:
+        spacing = "leading" if schedule.num_timesteps is not None else "uniform"
+    if steps < 1:
+        raise ConfigError(f"steps must be at least 1; got {steps}.")
+    zero = torch.zeros(1, dtype=torch.float64)
+    if spacing in DISCRETE_SPACINGS:
+        T = schedule.num_timesteps
+        if T is None:
+            raise ConfigError(
+                f"spacing={spacing!r} picks points of a discrete training grid, but this schedule is "
+                f"continuous; use one of {', '.join(CONTINUOUS_SPACINGS)}."
+            )
+        return torch.cat([discrete_indices(T, steps, spacing).to(torch.float64) / T, zero])
+    if spacing not in CONTINUOUS_SPACINGS:
+        raise ConfigError(f"Unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}.")
+    t_min = _t_min(schedule)
+    if spacing == "uniform":
+        if t_min == 0.0:
+            return torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+        return torch.cat([torch.linspace(1, t_min, steps, dtype=torch.float64), zero])
+    ends = log_snr(schedule, torch.tensor([1.0, max(t_min, 1e-12)], dtype=torch.float64))
+    lam_lo, lam_hi = (float(v) for v in ends.clamp(-LAMBDA_CLIP, LAMBDA_CLIP))
+    if spacing == "logsnr":
+        lam = torch.linspace(lam_lo, lam_hi, steps, dtype=torch.float64)
+    else:
+        s_max, s_min = math.exp(-lam_lo) ** (1 / KARRAS_RHO), math.exp(-lam_hi) ** (1 / KARRAS_RHO)
+        ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+        lam = -KARRAS_RHO * torch.log(s_max + ramp * (s_min - s_max))
+    return torch.cat([time_at_log_snr(schedule, lam), zero])

@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from unfog.diffusion import check_prediction, expand, training_target
+from unfog.diffusion import check_prediction, derivatives, expand, needs_derivatives, training_target
 from unfog.errors import NonFiniteLossError
 from unfog.model import DiffusionModel
 from unfog.protocols import Schedule
@@ -94,7 +94,8 @@ class DiffusionModule(L.LightningModule):
         x_t = expand(alpha, x0) * x0 + expand(sigma, x0) * eps
         cond = self.model.encode(batch, n, "random")
         out = self.model(x_t, t, cond)
-        target = training_target(x0, eps, alpha, sigma, self.prediction)
+        derivs = derivatives(self.schedule, t) if needs_derivatives(self.prediction) else (None, None)
+        target = training_target(x0, eps, alpha, sigma, self.prediction, *derivs)
         return torch.nn.functional.mse_loss(out.float(), target.float())
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:

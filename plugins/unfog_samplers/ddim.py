@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor
 
@@ -11,7 +9,7 @@ from unfog import register
 from unfog.diffusion import alpha_sigma
 from unfog.errors import ConfigError
 from unfog.protocols import DenoiserFn, NoiseSource
-from unfog.timesteps import sampling_times
+from unfog.timesteps import Spacing, sampling_times
 
 
 @register("sampler", "ddim")
@@ -25,14 +23,16 @@ class DDIMSampler:
     Args:
         steps: number of denoising steps (any number up to T for a discrete schedule).
         eta: stochasticity η in [0, 1].
-        spacing: which grid points a discrete-time model visits (Lin et al. 2024, Table 2).
+        spacing: the time grid (``unfog.timesteps``): leading / trailing / linspace grid points
+            of a discrete-time model (Lin et al. 2024, Table 2), or uniform / logsnr / karras;
+            ``None`` is leading for discrete schedules and uniform for continuous ones.
     """
 
     def __init__(
         self,
         steps: int = 50,
         eta: float = 0.0,
-        spacing: Literal["leading", "trailing", "linspace"] = "leading",
+        spacing: Spacing | None = None,
     ) -> None:
         if not 0.0 <= eta <= 1.0:
             raise ConfigError(f"ddim: eta must lie in [0, 1]; got {eta}.")

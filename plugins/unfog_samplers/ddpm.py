@@ -11,7 +11,7 @@ from unfog import register
 from unfog.diffusion import alpha_sigma
 from unfog.errors import ConfigError
 from unfog.protocols import DenoiserFn, NoiseSource
-from unfog.timesteps import sampling_times
+from unfog.timesteps import Spacing, sampling_times
 
 
 @register("sampler", "ddpm")
@@ -26,14 +26,16 @@ class DDPMSampler:
     Args:
         steps: number of denoising steps; ``None`` uses every step of a discrete schedule
             (1000 for a continuous one).
-        spacing: which grid points a discrete-time model visits (Lin et al. 2024, Table 2).
+        spacing: the time grid (``unfog.timesteps``): leading / trailing / linspace grid points
+            of a discrete-time model (Lin et al. 2024, Table 2), or uniform / logsnr / karras;
+            ``None`` is leading for discrete schedules and uniform for continuous ones.
         variance: the reverse-step variance, β̃ (``small``) or β (``large``).
     """
 
     def __init__(
         self,
         steps: int | None = None,
-        spacing: Literal["leading", "trailing", "linspace"] = "leading",
+        spacing: Spacing | None = None,
         variance: Literal["small", "large"] = "small",
     ) -> None:
         if steps is not None and steps < 1:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _cli import TINY, run
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "unfog-sqrt-schedule"

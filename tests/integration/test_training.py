@@ -32,8 +32,8 @@ def test_bf16_mixed_precision_on_cpu_trains(tmp_path: Path) -> None:
     assert result.final_loss is not None and torch.isfinite(torch.tensor(result.final_loss))
 
 
-def test_v_and_x0_prediction_train_and_sample(tmp_path: Path) -> None:
-    for prediction in ("v", "x0"):
+def test_v_x0_and_flow_prediction_train_and_sample(tmp_path: Path) -> None:
+    for prediction in ("v", "x0", "flow"):
         result = train(_cfg("trainer.max_steps=2", f"prediction={prediction}", "sampling.num_samples=4",
                             "sampler.steps=3"), tmp_path / prediction)
         assert result.samples is not None and result.samples.is_file()

@@ -24,7 +24,7 @@ def _compose(*overrides: str, name: str = "train"):
 def test_signature_becomes_typed_fields() -> None:
     params = {p.name: p for p in params_of(unfog.get("sampler", "ddim").obj)}
     assert params["steps"].type is int and params["eta"].type is float
-    assert params["spacing"].choices == ("leading", "trailing", "linspace")
+    assert params["spacing"].choices == ("leading", "trailing", "linspace", "uniform", "logsnr", "karras")
 
 
 def test_wired_parameters_are_not_config_fields() -> None:
@@ -54,7 +54,7 @@ def test_wrong_type_fails_naming_field_and_component() -> None:
 
 def test_choice_outside_literal_is_refused_before_building() -> None:
     cfg = _compose("sampler.spacing=sideways")
-    with pytest.raises(ConfigError, match="spacing must be one of leading, trailing, linspace; got 'sideways'"):
+    with pytest.raises(ConfigError, match="spacing must be one of leading, trailing, linspace, uniform.*got .sideways."):
         validate(cfg)
 
 
