@@ -53,11 +53,13 @@ def generate(
     model.eval()
     out = []
     indices = list(indices)
+    # Noise at t = 1 is σ(1)·ε: 1 for variance-preserving paths, σ_max for variance-exploding ones.
+    scale = float(schedule.sigma(torch.tensor([1.0], dtype=torch.float64))[0])
     try:
         for start in range(0, len(indices), batch_size):
             idx = indices[start : start + batch_size]
             rng = SeededNoise.for_indices(seed, idx)
-            noise = rng.randn_like(torch.empty(len(idx), *data_shape, device=device))
+            noise = scale * rng.randn_like(torch.empty(len(idx), *data_shape, device=device))
             batch_values = {k: torch.as_tensor(v)[start : start + len(idx)] for k, v in (values or {}).items()}
             denoiser = model.denoiser(schedule, prediction, batch_values, len(idx), guidance, clip)
             out.append(sampler.sample(denoiser, noise, rng).float().cpu())

@@ -9,8 +9,10 @@ Every grid has ``steps`` + 1 descending values ending with t = 0 (clean data). S
 - ``karras``: σ̃ = σ/α spaced as (σ̃_max^(1/ρ) + i/(n−1)·(σ̃_min^(1/ρ) − σ̃_max^(1/ρ)))^ρ with
   ρ = 7, Karras et al. (2022), Eq. (5).
 
-The continuous spacings work with any schedule, discrete or not; λ is kept within
-±``LAMBDA_CLIP`` so that schedules reaching α = 0 or σ = 0 still get a finite grid.
+The continuous spacings work with any schedule, discrete or not. ``logsnr`` and ``karras``
+keep σ/α within [0.002, 80], the range Karras et al. (2022, Table 1) use for every dataset,
+so schedules that reach α = 0 or σ = 0 (rectified flow, zero terminal SNR) still get a grid
+that spends its steps where the data is formed; the last step still goes to t = 0.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from unfog.protocols import Schedule
 DISCRETE_SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace")
 CONTINUOUS_SPACINGS: tuple[str, ...] = ("uniform", "logsnr", "karras")
 SPACINGS: tuple[str, ...] = DISCRETE_SPACINGS + CONTINUOUS_SPACINGS
-LAMBDA_CLIP = 10.0
+SIGMA_RATIO_MIN, SIGMA_RATIO_MAX = 0.002, 80.0  # σ/α range of Karras et al. (2022), Table 1
 KARRAS_RHO = 7.0
 
 
@@ -101,7 +103,7 @@ def sampling_times(schedule: Schedule, steps: int, spacing: str | None = None) -
             return torch.linspace(1, 0, steps + 1, dtype=torch.float64)
         return torch.cat([torch.linspace(1, t_min, steps, dtype=torch.float64), zero])
     ends = log_snr(schedule, torch.tensor([1.0, max(t_min, 1e-12)], dtype=torch.float64))
-    lam_lo, lam_hi = (float(v) for v in ends.clamp(-LAMBDA_CLIP, LAMBDA_CLIP))
+    lam_lo, lam_hi = (float(v) for v in ends.clamp(-math.log(SIGMA_RATIO_MAX), -math.log(SIGMA_RATIO_MIN)))
     if spacing == "logsnr":
         lam = torch.linspace(lam_lo, lam_hi, steps, dtype=torch.float64)
     else:

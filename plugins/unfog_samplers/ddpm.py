@@ -18,10 +18,13 @@ from unfog.timesteps import Spacing, sampling_times
 class DDPMSampler:
     """Ancestral sampling, Algorithm 2 of Ho et al. (2020), over any subsequence of times.
 
-    From t to s < t with ᾱ = α²: β = 1 − ᾱ_t/ᾱ_s, x_s ~ N(μ, v) with the posterior mean
-    μ = √ᾱ_s·β/(1 − ᾱ_t)·x̂₀ + √(1 − β)·(1 − ᾱ_s)/(1 − ᾱ_t)·x_t (Ho et al., Eq. 7) and
-    v = β̃ = (1 − ᾱ_s)/(1 − ᾱ_t)·β (``small``) or v = β (``large``); no noise on the last step.
-    Fewer steps than T respace the process as in Nichol & Dhariwal (2021), Sec. 4.
+    From t to s < t, x_s ~ N(μ, v) with the Gaussian posterior q(x_s | x_t, x̂₀) of a
+    general path (Kingma et al. 2021, Eqs. 30-33): with α_{t|s} = α_t/α_s and
+    σ²_{t|s} = σ_t² − α²_{t|s}·σ_s², μ = α_{t|s}·σ_s²/σ_t²·x_t + α_s·σ²_{t|s}/σ_t²·x̂₀ and
+    v = σ²_{t|s}·σ_s²/σ_t² (``small``, Ho's β̃) or v = σ²_{t|s} (``large``, Ho's β). For
+    variance-preserving paths this is Ho et al.'s Eq. (7); it also covers rectified flow and
+    variance-exploding schedules. No noise on the last step. Fewer steps than T respace the
+    process as in Nichol & Dhariwal (2021), Sec. 4.
 
     Args:
         steps: number of denoising steps; ``None`` uses every step of a discrete schedule
@@ -54,14 +57,14 @@ class DDPMSampler:
         x = noise
         for t, s in zip(times[:-1], times[1:]):
             d = denoiser(x, t)
-            abar_t = alpha_sigma(schedule, t)[0] ** 2
-            abar_s = alpha_sigma(schedule, s)[0] ** 2
-            beta = 1.0 - abar_t / abar_s
-            mean = (abar_s**0.5 * beta * d.x0 + (1 - beta) ** 0.5 * (1 - abar_s) * x) / (1 - abar_t)
-            if s == 0:
-                x = mean
-                break
-            var = beta * (1 - abar_s) / (1 - abar_t) if self.variance == "small" else beta
+            a_t, sg_t = alpha_sigma(schedule, t)
+            a_s, sg_s = alpha_sigma(schedule, s)
+            if s == 0 or sg_s == 0:
+                return d.x0
+            a_ts = a_t / a_s
+            var_ts = sg_t**2 - a_ts**2 * sg_s**2
+            mean = a_ts * sg_s**2 / sg_t**2 * x + a_s * var_ts / sg_t**2 * d.x0
+            var = var_ts * sg_s**2 / sg_t**2 if self.variance == "small" else var_ts
             z = rng.randn_like(x) if rng is not None else torch.randn_like(x)
             x = mean + var**0.5 * z
         return x

@@ -1,5 +1,5 @@
 """First-party noise schedules; importing this package registers them."""
 
-from unfog_schedules import cosine, linear
+from unfog_schedules import cosine, edm, linear, rectified_flow, sigmoid
 
-__all__ = ["cosine", "linear"]
+__all__ = ["cosine", "edm", "linear", "rectified_flow", "sigmoid"]

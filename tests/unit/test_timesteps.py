@@ -56,7 +56,8 @@ def test_karras_spacing_follows_rho_ramp_in_sigma_over_alpha() -> None:
     sig = torch.exp(-log_snr(schedule, sampling_times(schedule, 8, "karras")[:-1]))  # σ/α
     ramp = sig ** (1 / KARRAS_RHO)
     torch.testing.assert_close(ramp[1:] - ramp[:-1], (ramp[1] - ramp[0]).expand(7), atol=1e-6, rtol=0)
-    assert math.isclose(float(sig[0]), math.exp(10), rel_tol=1e-6)  # λ clipped at −10 where α(1) = 0
+    assert math.isclose(float(sig[0]), 80.0, rel_tol=1e-6)  # σ/α capped at 80 where α(1) = 0
+    assert math.isclose(float(sig[-1]), 0.002, rel_tol=1e-6)  # and floored at 0.002 where σ(0) = 0
 
 
 def test_discrete_spacing_on_a_continuous_schedule_is_refused() -> None:
