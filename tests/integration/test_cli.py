@@ -94,3 +94,11 @@ def test_bad_override_fails_with_a_message_naming_field_and_component(tmp_path: 
     assert proc.returncode != 0 and "stepz" in proc.stderr and "sampler:ddim" in proc.stderr
     proc = run("train", "backbone=mlp", cwd=tmp_path, check=False)
     assert proc.returncode == 1 and "backbone 'mlp' takes samples of rank [1]" in proc.stderr
+
+
+def test_sampling_sweep_writes_one_folder_per_combination(trained: Path, tmp_path: Path) -> None:
+    run("sample", "-m", f"checkpoint={trained / 'checkpoints' / 'last.ckpt'}", "sampler=ddim,heun",
+        "sampler.steps=2,3", "guidance=1,2", "num_samples=4", f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)
+    folders = sorted(p.parent.name for p in tmp_path.glob("*/samples.npz"))
+    assert len(folders) == 8
+    assert any("sampler=heun" in f and "sampler.steps=3" in f and "guidance=2" in f for f in folders)

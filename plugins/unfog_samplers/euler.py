@@ -1,0 +1,48 @@
+"""Euler sampling of the probability-flow ODE."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from unfog import register
+from unfog.diffusion import alpha_sigma
+from unfog.errors import ConfigError
+from unfog.protocols import DenoiserFn, NoiseSource
+from unfog.timesteps import Spacing, sampling_times
+
+
+@register("sampler", "euler")
+class EulerSampler:
+    """Euler's method for the probability-flow ODE, Algorithm 1 of Karras et al. (2022).
+
+    In the variables x̃ = x/α and σ̃ = σ/α the ODE is dx̃/dσ̃ = ε̂ (Karras et al., Eq. 4 with
+    s(t) = 1/α); one Euler step from t to s < t, x̃_s = x̃_t + (σ̃_s − σ̃_t)·ε̂, is written back
+    in x without dividing by α_t as x_s = α_s·x̂₀ + σ_s·ε̂, so it also works where α_t = 0
+    (e.g. rectified flow at t = 1). It coincides with deterministic DDIM (η = 0) on the same
+    times. The last step, into t = 0, returns x̂₀. Deterministic: ``rng`` is not used.
+
+    Args:
+        steps: number of steps (one denoiser call each).
+        spacing: the time grid (``unfog.timesteps``): leading / trailing / linspace grid points
+            of a discrete-time model (Lin et al. 2024, Table 2), or uniform / logsnr / karras;
+            ``None`` is leading for discrete schedules and uniform for continuous ones.
+    """
+
+    def __init__(self, steps: int = 50, spacing: Spacing | None = None) -> None:
+        if steps < 1:
+            raise ConfigError(f"euler: steps must be at least 1; got {steps}.")
+        self.steps = steps
+        self.spacing = spacing
+
+    def sample(self, denoiser: DenoiserFn, noise: Tensor, rng: NoiseSource | None = None) -> Tensor:
+        """Denoise ``noise`` (at the first time, near t = 1) to data (at t = 0)."""
+        schedule = denoiser.schedule
+        times = sampling_times(schedule, self.steps, self.spacing).tolist()
+        x = noise
+        for t, s in zip(times[:-1], times[1:]):
+            d = denoiser(x, t)
+            a_s, sg_s = alpha_sigma(schedule, s)
+            if s == 0 or sg_s == 0:
+                return d.x0
+            x = a_s * d.x0 + sg_s * d.eps
+        return x
