@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from unfog.errors import ConfigError
-from unfog.protocols import Cond, Denoised, Schedule
+from unfog.protocols import Cond, Denoised, NoiseSource, Schedule
 
 PREDICTIONS: tuple[str, ...] = ("eps", "x0", "v", "flow")
 
@@ -167,6 +167,11 @@ def alpha_sigma(schedule: Schedule, t: float) -> tuple[float, float]:
     """α(t) and σ(t) as Python floats, computed in float64 (for samplers' step rules)."""
     tt = torch.tensor([t], dtype=torch.float64)
     return float(schedule.alpha(tt)[0]), float(schedule.sigma(tt)[0])
+
+
+def fresh_noise(rng: NoiseSource | None, x: Tensor) -> Tensor:
+    """Gaussian noise shaped like ``x``, from the per-sample streams of ``rng`` when given."""
+    return rng.randn_like(x) if rng is not None else torch.randn_like(x)
 
 
 class SeededNoise:

@@ -6,7 +6,7 @@ Components do not inherit from these; they only have to fit them. The contract t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 import torch
@@ -130,14 +130,3 @@ class Metric(Protocol):
 
     def reset(self) -> None: ...
 
-
-ProtocolFor: dict[str, type] = {
-    "backbone": Backbone,
-    "schedule": Schedule,
-    "sampler": Sampler,
-    "conditioner": Conditioner,
-    "dataset": DatasetLike,
-    "metric": Metric,
-}
-
-Builder = Callable[..., Any]

@@ -137,7 +137,7 @@ def discover(*, refresh: bool = False) -> list[Plugin]:
         if refresh:
             global _pkg_dists
             _pkg_dists = None
-            metadata_cache_clear()
+            importlib.invalidate_caches()  # see distributions pip-installed since the last look
         known = {(p.name, p.module) for p in _plugins}
         for ep in _entry_points():
             if (ep.name, ep.value) in known:
@@ -160,11 +160,6 @@ def discover(*, refresh: bool = False) -> list[Plugin]:
             finally:
                 _loading.pop()
         return list(_plugins)
-
-
-def metadata_cache_clear() -> None:
-    """Forget cached distribution metadata (after a ``pip install`` in the same process)."""
-    importlib.invalidate_caches()
 
 
 def plugins() -> list[Plugin]:

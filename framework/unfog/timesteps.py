@@ -18,6 +18,7 @@ that spends its steps where the data is formed; the last step still goes to t = 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -111,3 +112,35 @@ def sampling_times(schedule: Schedule, steps: int, spacing: str | None = None) -
         ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
         lam = -KARRAS_RHO * torch.log(s_max + ramp * (s_min - s_max))
     return torch.cat([time_at_log_snr(schedule, lam), zero])
+
+
+@dataclass(frozen=True)
+class Step:
+    """One sampler step from t to s < t, with α and σ at both ends (float64 values)."""
+
+    t: float
+    s: float
+    alpha_t: float
+    sigma_t: float
+    alpha_s: float
+    sigma_s: float
+
+    @property
+    def final(self) -> bool:
+        """Whether s is clean data (σ_s = 0), where a sampler returns x̂₀."""
+        return self.s == 0 or self.sigma_s == 0
+
+
+def check_steps(owner: str, steps: int | None) -> None:
+    """Refuse a step count below 1 when a sampler is built, naming the sampler."""
+    if steps is not None and steps < 1:
+        raise ConfigError(f"{owner}: steps must be at least 1; got {steps}.")
+
+
+def sampler_steps(schedule: Schedule, steps: int, spacing: str | None = None) -> list[Step]:
+    """The steps of a ``steps``-step sampler on the grid ``spacing``, α and σ computed once."""
+    times = sampling_times(schedule, steps, spacing)
+    alpha = schedule.alpha(times).to(torch.float64).tolist()
+    sigma = schedule.sigma(times).to(torch.float64).tolist()
+    t = times.tolist()
+    return [Step(t[i], t[i + 1], alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]) for i in range(len(t) - 1)]

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from unfog import register
-from unfog.diffusion import alpha_sigma
+from unfog.diffusion import fresh_noise
 from unfog.errors import ConfigError
 from unfog.protocols import DenoiserFn, NoiseSource
-from unfog.timesteps import Spacing, sampling_times
+from unfog.timesteps import Spacing, check_steps, sampler_steps
 
 
 @register("sampler", "ddim")
@@ -34,6 +33,7 @@ class DDIMSampler:
         eta: float = 0.0,
         spacing: Spacing | None = None,
     ) -> None:
+        check_steps("ddim", steps)
         if not 0.0 <= eta <= 1.0:
             raise ConfigError(f"ddim: eta must lie in [0, 1]; got {eta}.")
         self.steps = steps
@@ -42,18 +42,15 @@ class DDIMSampler:
 
     def sample(self, denoiser: DenoiserFn, noise: Tensor, rng: NoiseSource | None = None) -> Tensor:
         """Denoise ``noise`` (at t = 1) to data (at t = 0)."""
-        schedule = denoiser.schedule
-        times = sampling_times(schedule, self.steps, self.spacing).tolist()
         x = noise
-        for t, s in zip(times[:-1], times[1:]):
-            d = denoiser(x, t)
-            if s == 0:
+        for st in sampler_steps(denoiser.schedule, self.steps, self.spacing):
+            d = denoiser(x, st.t)
+            if st.final:
                 return d.x0
-            a_t, sg_t = alpha_sigma(schedule, t)
-            a_s, sg_s = alpha_sigma(schedule, s)
+            a_t, sg_t, a_s, sg_s = st.alpha_t, st.sigma_t, st.alpha_s, st.sigma_s
             c = self.eta * (sg_s**2 / sg_t**2 * (1 - a_t**2 / a_s**2)) ** 0.5
             x = a_s * d.x0 + max(sg_s**2 - c**2, 0.0) ** 0.5 * d.eps
             if c > 0:
-                x = x + c * (rng.randn_like(x) if rng is not None else torch.randn_like(x))
+                x = x + c * fresh_noise(rng, x)
         return x
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from torch import Tensor
 
 from unfog import register
-from unfog.diffusion import alpha_sigma
+from unfog.diffusion import fresh_noise
 from unfog.errors import ConfigError
 from unfog.protocols import DenoiserFn, NoiseSource
-from unfog.timesteps import Spacing, sampling_times
+from unfog.timesteps import Spacing, check_steps, sampler_steps
 
 
 @register("sampler", "ddpm")
@@ -41,8 +40,7 @@ class DDPMSampler:
         spacing: Spacing | None = None,
         variance: Literal["small", "large"] = "small",
     ) -> None:
-        if steps is not None and steps < 1:
-            raise ConfigError(f"ddpm: steps must be at least 1 (or null for every step); got {steps}.")
+        check_steps("ddpm", steps)
         if variance not in ("small", "large"):
             raise ConfigError(f"ddpm: variance must be 'small' or 'large'; got {variance!r}.")
         self.steps = steps
@@ -53,18 +51,15 @@ class DDPMSampler:
         """Denoise ``noise`` (at t = 1) to data (at t = 0)."""
         schedule = denoiser.schedule
         steps = self.steps if self.steps is not None else schedule.num_timesteps or 1000
-        times = sampling_times(schedule, steps, self.spacing).tolist()
         x = noise
-        for t, s in zip(times[:-1], times[1:]):
-            d = denoiser(x, t)
-            a_t, sg_t = alpha_sigma(schedule, t)
-            a_s, sg_s = alpha_sigma(schedule, s)
-            if s == 0 or sg_s == 0:
+        for st in sampler_steps(schedule, steps, self.spacing):
+            d = denoiser(x, st.t)
+            if st.final:
                 return d.x0
+            a_t, sg_t, a_s, sg_s = st.alpha_t, st.sigma_t, st.alpha_s, st.sigma_s
             a_ts = a_t / a_s
             var_ts = sg_t**2 - a_ts**2 * sg_s**2
             mean = a_ts * sg_s**2 / sg_t**2 * x + a_s * var_ts / sg_t**2 * d.x0
             var = var_ts * sg_s**2 / sg_t**2 if self.variance == "small" else var_ts
-            z = rng.randn_like(x) if rng is not None else torch.randn_like(x)
-            x = mean + var**0.5 * z
+            x = mean + var**0.5 * fresh_noise(rng, x)
         return x

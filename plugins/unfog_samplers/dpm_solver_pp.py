@@ -5,14 +5,13 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import torch
 from torch import Tensor
 
 from unfog import register
-from unfog.diffusion import alpha_sigma
+from unfog.diffusion import fresh_noise
 from unfog.errors import ConfigError
 from unfog.protocols import DenoiserFn, NoiseSource
-from unfog.timesteps import Spacing, sampling_times
+from unfog.timesteps import Spacing, check_steps, sampler_steps
 
 LOWER_ORDER_FINAL_BELOW = 15  # as in diffusers' DPMSolverMultistepScheduler
 
@@ -59,8 +58,7 @@ class DPMSolverPPSampler:
         spacing: Spacing | None = "logsnr",
         lower_order_final: bool = True,
     ) -> None:
-        if steps < 1:
-            raise ConfigError(f"dpm_solver_pp: steps must be at least 1; got {steps}.")
+        check_steps("dpm_solver_pp", steps)
         if order not in (2, 3):
             raise ConfigError(f"dpm_solver_pp: order must be 2 or 3; got {order}.")
         if variant not in ("ode", "sde"):
@@ -73,18 +71,16 @@ class DPMSolverPPSampler:
 
     def sample(self, denoiser: DenoiserFn, noise: Tensor, rng: NoiseSource | None = None) -> Tensor:
         """Denoise ``noise`` (at the first time, near t = 1) to data (at t = 0)."""
-        schedule = denoiser.schedule
-        times = sampling_times(schedule, self.steps, self.spacing).tolist()
+        steps = sampler_steps(denoiser.schedule, self.steps, self.spacing)
         eta = 1.0 if self.variant == "sde" else 0.0
-        n = len(times) - 1
+        n = len(steps)
         x = noise
         history: list[tuple[float, Tensor]] = []  # (h of the step that followed, x̂₀), newest last
-        for i, (t, s) in enumerate(zip(times[:-1], times[1:])):
-            d = denoiser(x, t)
-            a_t, sg_t = alpha_sigma(schedule, t)
-            a_s, sg_s = alpha_sigma(schedule, s)
-            if s == 0 or sg_s == 0:
+        for i, st in enumerate(steps):
+            d = denoiser(x, st.t)
+            if st.final:
                 return d.x0
+            a_t, sg_t, a_s, sg_s = st.alpha_t, st.sigma_t, st.alpha_s, st.sigma_s
             exp_neg_h = sg_s * a_t / (a_s * sg_t)  # e^{−h}, 0 where α_t = 0
             order = min(self.order, len(history) + 1)
             if self.lower_order_final and n < LOWER_ORDER_FINAL_BELOW and i == n - 2:
@@ -106,7 +102,6 @@ class DPMSolverPPSampler:
                 phi_3 = phi_2 / h_eta - 0.5
                 x = x + a_s * (phi_2 * d1 - phi_3 * d2)
             if eta > 0:
-                z = rng.randn_like(x) if rng is not None else torch.randn_like(x)
-                x = x + sg_s * math.sqrt(-math.expm1(-2.0 * eta * h)) * z
+                x = x + sg_s * math.sqrt(-math.expm1(-2.0 * eta * h)) * fresh_noise(rng, x)
             history = [*history[-1:], (h, d.x0)] if math.isfinite(h) else []
         return x

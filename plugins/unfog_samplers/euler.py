@@ -5,10 +5,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from unfog import register
-from unfog.diffusion import alpha_sigma
-from unfog.errors import ConfigError
 from unfog.protocols import DenoiserFn, NoiseSource
-from unfog.timesteps import Spacing, sampling_times
+from unfog.timesteps import Spacing, check_steps, sampler_steps
 
 
 @register("sampler", "euler")
@@ -29,20 +27,16 @@ class EulerSampler:
     """
 
     def __init__(self, steps: int = 50, spacing: Spacing | None = None) -> None:
-        if steps < 1:
-            raise ConfigError(f"euler: steps must be at least 1; got {steps}.")
+        check_steps("euler", steps)
         self.steps = steps
         self.spacing = spacing
 
     def sample(self, denoiser: DenoiserFn, noise: Tensor, rng: NoiseSource | None = None) -> Tensor:
         """Denoise ``noise`` (at the first time, near t = 1) to data (at t = 0)."""
-        schedule = denoiser.schedule
-        times = sampling_times(schedule, self.steps, self.spacing).tolist()
         x = noise
-        for t, s in zip(times[:-1], times[1:]):
-            d = denoiser(x, t)
-            a_s, sg_s = alpha_sigma(schedule, s)
-            if s == 0 or sg_s == 0:
+        for st in sampler_steps(denoiser.schedule, self.steps, self.spacing):
+            d = denoiser(x, st.t)
+            if st.final:
                 return d.x0
-            x = a_s * d.x0 + sg_s * d.eps
+            x = st.alpha_s * d.x0 + st.sigma_s * d.eps
         return x

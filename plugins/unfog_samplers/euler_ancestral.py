@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
 from unfog import register
-from unfog.diffusion import alpha_sigma
+from unfog.diffusion import fresh_noise
 from unfog.errors import ConfigError
 from unfog.protocols import DenoiserFn, NoiseSource
-from unfog.timesteps import Spacing, sampling_times
+from unfog.timesteps import Spacing, check_steps, sampler_steps
 
 
 @register("sampler", "euler_ancestral")
@@ -38,8 +37,7 @@ class EulerAncestralSampler:
     """
 
     def __init__(self, steps: int = 50, eta: float = 1.0, spacing: Spacing | None = None) -> None:
-        if steps < 1:
-            raise ConfigError(f"euler_ancestral: steps must be at least 1; got {steps}.")
+        check_steps("euler_ancestral", steps)
         if not 0.0 <= eta <= 1.0:
             raise ConfigError(f"euler_ancestral: eta must lie in [0, 1]; got {eta}.")
         self.steps = steps
@@ -48,19 +46,16 @@ class EulerAncestralSampler:
 
     def sample(self, denoiser: DenoiserFn, noise: Tensor, rng: NoiseSource | None = None) -> Tensor:
         """Denoise ``noise`` (at the first time, near t = 1) to data (at t = 0)."""
-        schedule = denoiser.schedule
-        times = sampling_times(schedule, self.steps, self.spacing).tolist()
         x = noise
-        for t, s in zip(times[:-1], times[1:]):
-            d = denoiser(x, t)
-            a_t, sg_t = alpha_sigma(schedule, t)
-            a_s, sg_s = alpha_sigma(schedule, s)
-            if s == 0 or sg_s == 0:
+        for st in sampler_steps(denoiser.schedule, self.steps, self.spacing):
+            d = denoiser(x, st.t)
+            if st.final:
                 return d.x0
+            a_t, sg_t, a_s, sg_s = st.alpha_t, st.sigma_t, st.alpha_s, st.sigma_s
             ratio = sg_s * a_t / (a_s * sg_t)  # σ̃_s/σ̃_t = e^{-h}, in [0, 1)
             sg_up = min(sg_s, self.eta * sg_s * math.sqrt(max(1.0 - ratio * ratio, 0.0)))
             sg_down = math.sqrt(max(sg_s * sg_s - sg_up * sg_up, 0.0))
             x = a_s * d.x0 + sg_down * d.eps
             if sg_up > 0:
-                x = x + sg_up * (rng.randn_like(x) if rng is not None else torch.randn_like(x))
+                x = x + sg_up * fresh_noise(rng, x)
         return x

@@ -8,10 +8,10 @@ import torch
 from torch import Tensor
 
 from unfog import register
-from unfog.diffusion import alpha_sigma
+from unfog.diffusion import alpha_sigma, fresh_noise
 from unfog.errors import ConfigError
 from unfog.protocols import DenoiserFn, NoiseSource
-from unfog.timesteps import Spacing, sampling_times, time_at_log_snr
+from unfog.timesteps import Spacing, check_steps, sampler_steps, time_at_log_snr
 
 
 @register("sampler", "heun")
@@ -48,8 +48,7 @@ class HeunSampler:
         s_tmax: float = float("inf"),
         s_noise: float = 1.0,
     ) -> None:
-        if steps < 1:
-            raise ConfigError(f"heun: steps must be at least 1; got {steps}.")
+        check_steps("heun", steps)
         if not s_churn >= 0.0:
             raise ConfigError(f"heun: s_churn must be at least 0; got {s_churn}.")
         if not 0.0 <= s_tmin <= s_tmax:
@@ -66,17 +65,15 @@ class HeunSampler:
     def sample(self, denoiser: DenoiserFn, noise: Tensor, rng: NoiseSource | None = None) -> Tensor:
         """Denoise ``noise`` (at the first time, near t = 1) to data (at t = 0)."""
         schedule = denoiser.schedule
-        times = sampling_times(schedule, self.steps, self.spacing).tolist()
         gamma_max = min(self.s_churn / self.steps, math.sqrt(2.0) - 1.0)
         x = noise
-        for t, s in zip(times[:-1], times[1:]):
-            a_t, sg_t = alpha_sigma(schedule, t)
+        for st in sampler_steps(schedule, self.steps, self.spacing):
+            t, s, a_t, sg_t, a_s, sg_s = st.t, st.s, st.alpha_t, st.sigma_t, st.alpha_s, st.sigma_s
             if a_t > 0 and gamma_max > 0 and self.s_tmin <= sg_t / a_t <= self.s_tmax:
                 t, x = self._churn(schedule, t, a_t, sg_t, gamma_max, x, rng)
                 a_t, sg_t = alpha_sigma(schedule, t)
             d = denoiser(x, t)
-            a_s, sg_s = alpha_sigma(schedule, s)
-            if s == 0 or sg_s == 0:
+            if st.final:
                 return d.x0
             x = a_s * d.x0 + sg_s * d.eps  # Euler predictor
             if a_t == 0:
@@ -95,5 +92,4 @@ class HeunSampler:
         a_h, sg_h = alpha_sigma(schedule, t_hat)
         # in x: x_hat = (α_hat/α_t)·x + α_hat·√(σ̃_hat² − σ̃_t²)·s_noise·z
         std = math.sqrt(max(sg_h * sg_h - (a_h * sg_t / a_t) ** 2, 0.0)) * self.s_noise
-        z = rng.randn_like(x) if rng is not None else torch.randn_like(x)
-        return t_hat, (a_h / a_t) * x + std * z
+        return t_hat, (a_h / a_t) * x + std * fresh_noise(rng, x)

@@ -54,7 +54,8 @@ def test_wrong_type_fails_naming_field_and_component() -> None:
 
 def test_choice_outside_literal_is_refused_before_building() -> None:
     cfg = _compose("sampler.spacing=sideways")
-    with pytest.raises(ConfigError, match="spacing must be one of leading, trailing, linspace, uniform.*got .sideways."):
+    expected = "spacing must be one of leading, trailing, linspace, uniform.*got .sideways."
+    with pytest.raises(ConfigError, match=expected):
         validate(cfg)
 
 
