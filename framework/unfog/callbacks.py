@@ -55,7 +55,8 @@ class SampleGrid(L.Callback):
         values = default_values(model, n) if len(model.conditioners) else None
         samples = generate(model, pl_module.schedule, self.sampler, pl_module.prediction, self.data_shape,
                            range(n), seed=self.seed, values=values, guidance=self.guidance,
-                           clip=self.clip, batch_size=self.batch_size, device=pl_module.device)
+                           clip=self.clip, batch_size=self.batch_size, device=pl_module.device,
+                           sigma_data=pl_module.sigma_data)
         nrow = _classes(model) or None
         pic = picture(samples, nrow, self.data_range)
         if pic is None:

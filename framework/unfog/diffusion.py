@@ -1,8 +1,10 @@
-"""Gaussian diffusion paths, prediction targets and the denoiser that samplers call.
+"""Gaussian diffusion paths, prediction targets, loss weightings and the denoiser that
+samplers call.
 
 Every path is x_t = α(t)·x₀ + σ(t)·ε with t ∈ [0, 1]. A network predicts one *target*
-(``eps``, ``x0`` or ``v``); because the path is linear in (x₀, ε), each target converts to
-the others through α and σ, so any sampler works with any schedule and any target.
+(``eps``, ``x0``, ``v``, ``flow`` or EDM's preconditioned ``edm``); because the path is linear
+in (x₀, ε), each target converts to the others through α and σ, so any sampler works with
+any schedule and any target.
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ from torch import Tensor
 from unfog.errors import ConfigError
 from unfog.protocols import Cond, Denoised, NoiseSource, Schedule
 
-PREDICTIONS: tuple[str, ...] = ("eps", "x0", "v", "flow")
+PREDICTIONS: tuple[str, ...] = ("eps", "x0", "v", "flow", "edm")
+WEIGHTINGS: tuple[str, ...] = ("uniform", "min_snr", "edm")
+SIGMA_DATA = 0.5
+"""σ_data when neither the config nor the schedule gives one (Karras et al. 2022, Table 1)."""
+EDM_LOG_SIGMA_MAX = 10.0
+"""|ln(σ/α)| is clipped to this for EDM's c_noise, so α = 0 (rectified flow or zero terminal
+SNR at t = 1) gives a finite network input at the edge of the levels seen in training."""
 
 
 def expand(v: Tensor, x: Tensor) -> Tensor:
@@ -49,16 +57,59 @@ def needs_derivatives(prediction: str) -> bool:
     return prediction == "flow"
 
 
+def sigma_data_of(schedule: Any, sigma_data: float | None = None) -> float:
+    """σ_data for ``edm`` prediction and weighting: ``sigma_data`` if given, else the
+    schedule's own (the ``edm`` schedule has one), else 0.5."""
+    if sigma_data is not None:
+        if not sigma_data > 0:
+            raise ConfigError(f"sigma_data must be positive; got {sigma_data} (0.5 for data in [-1, 1]).")
+        return float(sigma_data)
+    return float(getattr(schedule, "sigma_data", SIGMA_DATA))
+
+
+def edm_coefficients(alpha: Tensor, sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """EDM's preconditioning (c_skip, c_out, c_in, c_noise) on any path x = α·x₀ + σ·ε.
+
+    Karras et al. (2022), Table 1 and Eq. (7) with scaling s = α: the network sees
+    x̃ = x/α at noise level σ̃ = σ/α, and D(x̃) = c_skip·x̃ + c_out·F(c_in·x̃, c_noise). Folding
+    1/α into the coefficients keeps them finite at α = 0: with q = √(σ² + α²σ_d²),
+    c_skip = α·σ_d²/q², c_out = σ·σ_d/q, c_in = 1/q (all applied to x, not x̃) and
+    c_noise = ¼·ln(σ/α), with ln(σ/α) clipped to ±``EDM_LOG_SIGMA_MAX``.
+    For α = 1 these are the paper's σ_d²/(σ² + σ_d²), σ·σ_d/√(σ² + σ_d²), 1/√(σ² + σ_d²), ¼·ln σ.
+    """
+    q2 = sigma * sigma + alpha * alpha * sigma_data**2
+    q = torch.sqrt(q2)
+    tiny = torch.finfo(torch.float64).tiny
+    log_ratio = torch.log(sigma.to(torch.float64).clamp_min(tiny)) - torch.log(alpha.to(torch.float64).clamp_min(tiny))
+    c_noise = log_ratio.clamp(-EDM_LOG_SIGMA_MAX, EDM_LOG_SIGMA_MAX).to(sigma.dtype) / 4
+    return alpha * sigma_data**2 / q2, sigma * sigma_data / q, 1 / q, c_noise
+
+
+def network_inputs(x: Tensor, t: Tensor, alpha: Tensor, sigma: Tensor, prediction: str,
+                   sigma_data: float = SIGMA_DATA) -> tuple[Tensor, Tensor]:
+    """What the backbone is called with for x_t = ``x`` at time ``t``: (x, t) itself, or for
+    ``edm`` the preconditioned (c_in·x, c_noise) of Karras et al. (2022)."""
+    if prediction != "edm":
+        return x, t
+    _, _, c_in, c_noise = edm_coefficients(alpha, sigma, sigma_data)
+    return expand(c_in, x) * x, c_noise.to(t.dtype if t.is_floating_point() else torch.float32)
+
+
 def training_target(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, prediction: str,
-                    d_alpha: Tensor | None = None, d_sigma: Tensor | None = None) -> Tensor:
+                    d_alpha: Tensor | None = None, d_sigma: Tensor | None = None,
+                    sigma_data: float = SIGMA_DATA) -> Tensor:
     """The regression target for ``prediction`` at x_t = α·x₀ + σ·ε.
 
     ``v`` = α·ε − σ·x₀ is the velocity of Salimans & Ho (2022), Eq. (6) and appendix D;
     ``flow`` = dx_t/dt = α'·x₀ + σ'·ε is the conditional flow-matching velocity
     (Lipman et al. 2023, Eq. 9; ε − x₀ for rectified flow, Liu et al. 2023) and needs the
-    derivatives ``d_alpha``, ``d_sigma``.
+    derivatives ``d_alpha``, ``d_sigma``; ``edm`` is F's target (x₀ − c_skip·x_t)/c_out
+    (Karras et al. 2022, Eq. 8), whose plain mean squared error is EDM's λ(σ)-weighted loss.
     """
     a, s = expand(alpha, x0), expand(sigma, x0)
+    if prediction == "edm":
+        c_skip, c_out, _, _ = edm_coefficients(alpha, sigma, sigma_data)
+        return (x0 - expand(c_skip, x0) * (a * x0 + s * eps)) / expand(c_out, x0)
     if prediction == "eps":
         return eps
     if prediction == "x0":
@@ -73,14 +124,20 @@ def training_target(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, predi
 
 
 def to_denoised(out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor, prediction: str,
-                d_alpha: Tensor | None = None, d_sigma: Tensor | None = None) -> Denoised:
+                d_alpha: Tensor | None = None, d_sigma: Tensor | None = None,
+                sigma_data: float = SIGMA_DATA) -> Denoised:
     """Convert a network output for ``prediction`` at x_t = ``x`` into (x₀, ε) estimates.
 
     Inverts x = α·x₀ + σ·ε together with the target's definition; for ``v`` the 2×2 system
     [x; v] = [[α, σ], [−σ, α]]·[x₀; ε] has determinant α² + σ², for ``flow``
-    [x; u] = [[α, σ], [α', σ']]·[x₀; ε] has determinant α·σ' − σ·α'.
+    [x; u] = [[α, σ], [α', σ']]·[x₀; ε] has determinant α·σ' − σ·α'; for ``edm``
+    x̂₀ = c_skip·x + c_out·F.
     """
     a, s = expand(alpha, x), expand(sigma, x)
+    if prediction == "edm":
+        c_skip, c_out, _, _ = edm_coefficients(alpha, sigma, sigma_data)
+        x0 = expand(c_skip, x) * x + expand(c_out, x) * out
+        return Denoised(x0, (x - a * x0) / s)
     if prediction == "eps":
         return Denoised((x - s * out) / a, out)
     if prediction == "x0":
@@ -94,6 +151,62 @@ def to_denoised(out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor, prediction
         return Denoised((ds * x - s * out) / det, (a * out - da * x) / det)
     check_prediction(prediction)
     raise AssertionError("unreachable")
+
+
+def check_weighting(weighting: str) -> None:
+    """Refuse an unknown loss weighting, listing the known ones."""
+    if weighting not in WEIGHTINGS:
+        raise ConfigError(f"Unknown loss weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}.")
+
+
+def x0_weight(prediction: str, alpha: Tensor, sigma: Tensor, d_alpha: Tensor | None = None,
+              d_sigma: Tensor | None = None, sigma_data: float = SIGMA_DATA) -> Tensor:
+    """The weight w(t) with which a plain MSE on ``prediction`` weights the error of x̂₀:
+    ‖target − out‖² = w·‖x₀ − x̂₀‖² at fixed x_t (read off :func:`to_denoised`).
+
+    eps: α²/σ² (the SNR); x0: 1; v: ((α² + σ²)/σ)²; flow: ((α·σ' − σ·α')/σ)²;
+    edm: 1/c_out² = (σ² + α²σ_d²)/(σ·σ_d)², which is EDM's λ(σ/α).
+    """
+    if prediction == "eps":
+        return (alpha / sigma) ** 2
+    if prediction == "x0":
+        return torch.ones_like(alpha)
+    if prediction == "v":
+        return ((alpha * alpha + sigma * sigma) / sigma) ** 2
+    if prediction == "flow":
+        if d_alpha is None or d_sigma is None:
+            raise ValueError("the flow target needs dα/dt and dσ/dt; pass d_alpha and d_sigma")
+        return ((alpha * d_sigma - sigma * d_alpha) / sigma) ** 2
+    if prediction == "edm":
+        return (sigma * sigma + alpha * alpha * sigma_data**2) / (sigma * sigma_data) ** 2
+    check_prediction(prediction)
+    raise AssertionError("unreachable")
+
+
+def loss_weight(weighting: str, prediction: str, alpha: Tensor, sigma: Tensor, *, gamma: float = 5.0,
+                d_alpha: Tensor | None = None, d_sigma: Tensor | None = None,
+                sigma_data: float = SIGMA_DATA) -> Tensor | None:
+    """Per-sample weights of the MSE on ``prediction`` that give ``weighting`` in x₀ terms.
+
+    ``uniform`` is the plain MSE on the target (None: no weights). ``min_snr`` weights the x₀
+    error by min(SNR, γ), Hang et al. (2023), "Efficient Diffusion Training via Min-SNR
+    Weighting Strategy", Eq. (9) (min(SNR, γ)/SNR for eps, min(SNR, γ)/(SNR + 1) for v on
+    variance-preserving paths). ``edm`` weights it by λ(σ̃) = (σ̃² + σ_d²)/(σ̃·σ_d)² with
+    σ̃ = σ/α, Karras et al. (2022), Table 1. Each is divided by :func:`x0_weight` of the target,
+    so the same weighting means the same thing whatever the network predicts.
+    """
+    check_weighting(weighting)
+    if weighting == "uniform":
+        return None
+    a, s = alpha.to(torch.float64), sigma.to(torch.float64)
+    da = d_alpha.to(torch.float64) if d_alpha is not None else None
+    ds = d_sigma.to(torch.float64) if d_sigma is not None else None
+    if weighting == "min_snr":
+        wanted = ((a / s) ** 2).clamp(max=gamma)
+    else:
+        wanted = x0_weight("edm", a, s, sigma_data=sigma_data)
+    implied = x0_weight(prediction, a, s, da, ds, sigma_data)
+    return (wanted / implied.clamp_min(torch.finfo(torch.float64).tiny)).to(torch.float32)
 
 
 def _require(d_alpha: Tensor | None, d_sigma: Tensor | None, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -218,6 +331,7 @@ class Denoiser:
         uncond: Cond | None = None,
         guidance: float = 1.0,
         clip: tuple[float, float] | None = None,
+        sigma_data: float | None = None,
     ) -> None:
         check_prediction(prediction)
         if guidance != 1.0 and (not cond or uncond is None):
@@ -232,15 +346,16 @@ class Denoiser:
         self.uncond = uncond
         self.guidance = float(guidance)
         self.clip = clip
+        self.sigma_data = sigma_data_of(schedule, sigma_data)
         self.nfe = 0
 
     def __call__(self, x: Tensor, t: Tensor | float) -> Denoised:
         t = _as_batch_time(t, x)
-        out = self._forward(x, t)
-        self.nfe += 1
         alpha, sigma = self.schedule.alpha(t), self.schedule.sigma(t)
+        out = self._forward(*network_inputs(x, t, alpha, sigma, self.prediction, self.sigma_data))
+        self.nfe += 1
         derivs = derivatives(self.schedule, t) if needs_derivatives(self.prediction) else (None, None)
-        d = to_denoised(out, x, alpha, sigma, self.prediction, *derivs)
+        d = to_denoised(out, x, alpha, sigma, self.prediction, *derivs, sigma_data=self.sigma_data)
         if self.clip is None:
             return d
         x0 = d.x0.clamp(*self.clip)

@@ -72,13 +72,14 @@ class DiffusionModel(nn.Module):
         n: int,
         guidance: float = 1.0,
         clip: tuple[float, float] | None = None,
+        sigma_data: float | None = None,
     ) -> Denoiser:
         """A :class:`Denoiser` for ``n`` samples conditioned on ``values`` (batch fields)."""
         if not self.conditioners:
-            return Denoiser(self, schedule, prediction, guidance=guidance, clip=clip)
+            return Denoiser(self, schedule, prediction, guidance=guidance, clip=clip, sigma_data=sigma_data)
         cond = self.encode(values or {}, n, "none")
         uncond = self.encode(self.null_batch(n), n, "none") if guidance != 1.0 else None
-        return Denoiser(self, schedule, prediction, cond, uncond, guidance, clip)
+        return Denoiser(self, schedule, prediction, cond, uncond, guidance, clip, sigma_data)
 
 
 def _drop_mask(drop: Drop, p: float, n: int, training: bool) -> Tensor | None:

@@ -16,7 +16,7 @@ import torch
 import unfog
 from unfog import registry
 from unfog.config import build, component_kwargs, plain
-from unfog.diffusion import check_prediction
+from unfog.diffusion import check_prediction, check_weighting, sigma_data_of
 from unfog.errors import ConfigError
 from unfog.model import DiffusionModel
 
@@ -32,6 +32,12 @@ def validate(cfg: Mapping[str, Any]) -> dict[str, registry.Entry]:
     combinations that cannot work, with a message that says why.
     """
     check_prediction(cfg["prediction"])
+    loss = cfg.get("loss") or {}
+    check_weighting(loss.get("weighting", "uniform"))
+    if not float(loss.get("min_snr_gamma", 5.0)) > 0:
+        raise ConfigError(f"loss.min_snr_gamma must be positive; got {loss['min_snr_gamma']} (Hang et al. use 5).")
+    if float(loss.get("offset_noise", 0.0)) < 0:
+        raise ConfigError(f"loss.offset_noise must be at least 0; got {loss['offset_noise']} (0.1 is usual).")
     chosen = {kind: component_kwargs(kind, cfg[kind])[0] for kind in COMPONENT_KINDS if cfg.get(kind) is not None}
     backbone = chosen["backbone"].obj
     cond = chosen.get("conditioner")
@@ -40,7 +46,9 @@ def validate(cfg: Mapping[str, Any]) -> dict[str, registry.Entry]:
             f"conditioner {cond.name!r} routes to {getattr(cond.obj, 'route', '?')!r}, but backbone "
             f"{chosen['backbone'].name!r} consumes only {list(getattr(backbone, 'routes', ()))}."
         )
-    check_schedule_and_prediction(build("schedule", cfg["schedule"]), cfg["prediction"])
+    schedule = build("schedule", cfg["schedule"])
+    check_schedule_and_prediction(schedule, cfg["prediction"])
+    sigma_data_of(schedule, cfg.get("sigma_data"))
     guidance = float(cfg["sampling"]["guidance"])
     if guidance != 1.0 and cond is None:
         raise ConfigError(
@@ -56,7 +64,7 @@ def check_schedule_and_prediction(schedule: Any, prediction: str) -> None:
     if prediction == "eps" and alpha_end < 1e-5:  # zero terminal SNR (to float precision)
         raise ConfigError(
             f"prediction=eps cannot work with this schedule: α(1) = {alpha_end:.2g}, so x₀ cannot be "
-            "recovered from a noise prediction at t = 1. Use prediction=v, x0 or flow."
+            "recovered from a noise prediction at t = 1. Use prediction=v, x0, flow or edm."
         )
 
 
@@ -64,6 +72,13 @@ def check_data(cfg: Mapping[str, Any], dataset: Any, chosen: Mapping[str, regist
     """Refuse a backbone or conditioner that does not fit the data, before building the model."""
     b = chosen["backbone"]
     rank = len(dataset.data_shape)
+    offset = float((cfg.get("loss") or {}).get("offset_noise", 0.0))
+    if offset > 0 and rank < 2:
+        raise ConfigError(
+            f"loss.offset_noise={offset} shifts each channel of an image, but dataset "
+            f"{chosen['dataset'].name!r} gives samples of shape {tuple(dataset.data_shape)} with no positions; "
+            "set loss.offset_noise=0."
+        )
     if rank not in b.obj.data_ranks:
         raise ConfigError(
             f"backbone {b.name!r} takes samples of rank {list(b.obj.data_ranks)}, but dataset "
@@ -147,11 +162,12 @@ def train(cfg: Mapping[str, Any], run_dir: Path) -> TrainResult:
             "data_range": list(dataset.data_range) if dataset.data_range else None,
         },
     }
-    opt, ema, smp = cfg["optim"], cfg["ema"], cfg["sampling"]
+    opt, ema, smp, loss = cfg["optim"], cfg["ema"], cfg["sampling"], cfg["loss"]
     module = DiffusionModule(
         model, schedule, cfg["prediction"], lr=opt["lr"], weight_decay=opt["weight_decay"],
         betas=tuple(opt["betas"]), warmup_steps=opt["warmup_steps"], ema_decay=ema["decay"],
-        ema_warmup=ema["warmup"], meta=meta,
+        ema_warmup=ema["warmup"], loss_weighting=loss["weighting"], min_snr_gamma=loss["min_snr_gamma"],
+        offset_noise=loss["offset_noise"], sigma_data=cfg.get("sigma_data"), meta=meta,
     )
     bs = cfg["data"]["batch_size"]
     workers = cfg["data"]["num_workers"]
@@ -237,7 +253,7 @@ def sample(cfg: Mapping[str, Any], out_dir: Path) -> SampleResult:
     clip = tuple(wiring["data_range"]) if cfg["clip"] and wiring["data_range"] else None
     samples = generate(model, schedule, sampler, meta["config"]["prediction"], wiring["data_shape"], range(n),
                        seed=cfg["seed"], values=values, guidance=cfg["guidance"], clip=clip,
-                       batch_size=cfg["batch_size"], device=device)
+                       batch_size=cfg["batch_size"], device=device, sigma_data=meta["config"].get("sigma_data"))
     out_dir.mkdir(parents=True, exist_ok=True)
     npz = out_dir / "samples.npz"
     arrays = {"samples": samples.numpy()} | ({"labels": labels.numpy()} if labels is not None else {})

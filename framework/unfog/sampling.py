@@ -42,12 +42,14 @@ def generate(
     clip: tuple[float, float] | None = None,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    sigma_data: float | None = None,
 ) -> Tensor:
     """Samples number ``indices`` of a run seeded with ``seed``.
 
     Each sample's noise comes from its own stream (:class:`SeededNoise`), so sample k is the
     same whatever the batch size or the set of other indices drawn with it. ``values`` maps
-    batch fields to per-sample conditioning values aligned with ``indices``.
+    batch fields to per-sample conditioning values aligned with ``indices``; ``sigma_data``
+    is the model's σ_data when it predicts ``edm`` (None: the schedule's, else 0.5).
     """
     was_training = model.training
     model.eval()
@@ -61,7 +63,7 @@ def generate(
             rng = SeededNoise.for_indices(seed, idx)
             noise = scale * rng.randn_like(torch.empty(len(idx), *data_shape, device=device))
             batch_values = {k: torch.as_tensor(v)[start : start + len(idx)] for k, v in (values or {}).items()}
-            denoiser = model.denoiser(schedule, prediction, batch_values, len(idx), guidance, clip)
+            denoiser = model.denoiser(schedule, prediction, batch_values, len(idx), guidance, clip, sigma_data)
             out.append(sampler.sample(denoiser, noise, rng).float().cpu())
     finally:
         model.train(was_training)

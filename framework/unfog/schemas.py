@@ -53,6 +53,15 @@ class SamplingConfig:
 
 
 @dataclass
+class LossConfig:
+    """How the regression loss is weighted over noise levels, and the training noise."""
+
+    weighting: str = "uniform"  # uniform | min_snr (Hang et al. 2023) | edm (Karras et al. 2022)
+    min_snr_gamma: float = 5.0  # γ of min-SNR-γ
+    offset_noise: float = 0.0  # per-channel offset added to the noise (Guttenberg 2023); 0.1 is usual
+
+
+@dataclass
 class CheckpointConfig:
     """How often ``last.ckpt`` is refreshed (it is always written at the end too)."""
 
@@ -71,8 +80,10 @@ class TrainConfig:
     trainer: Any = MISSING
     logger: Any = None
     prediction: str = "eps"
+    sigma_data: float | None = None
     seed: int = 0
     ckpt_path: str | None = None
+    loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)

@@ -11,7 +11,17 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from unfog.diffusion import check_prediction, derivatives, expand, needs_derivatives, training_target
+from unfog.diffusion import (
+    check_prediction,
+    check_weighting,
+    derivatives,
+    expand,
+    loss_weight,
+    needs_derivatives,
+    network_inputs,
+    sigma_data_of,
+    training_target,
+)
 from unfog.errors import NonFiniteLossError
 from unfog.model import DiffusionModel
 from unfog.protocols import Schedule
@@ -55,9 +65,12 @@ class EMA(nn.Module):
 
 class DiffusionModule(L.LightningModule):
     """Trains a :class:`DiffusionModel` by denoising score matching (Ho et al. 2020, Eq. 14)
-    with a chosen prediction target, and keeps EMA weights for sampling.
+    with a chosen prediction target and loss weighting, and keeps EMA weights for sampling.
 
-    Every part is injected; nothing here knows a concrete component.
+    ``offset_noise`` adds, to each sample's training noise, one extra Gaussian value per
+    channel shared by all positions, scaled by this factor (Guttenberg 2023, "Diffusion with
+    offset noise"), so the model learns to change an image's mean brightness. Every part is
+    injected; nothing here knows a concrete component.
     """
 
     def __init__(
@@ -71,32 +84,60 @@ class DiffusionModule(L.LightningModule):
         warmup_steps: int = 0,
         ema_decay: float = 0.999,
         ema_warmup: bool = True,
+        loss_weighting: str = "uniform",
+        min_snr_gamma: float = 5.0,
+        offset_noise: float = 0.0,
+        sigma_data: float | None = None,
         meta: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         check_prediction(prediction)
+        check_weighting(loss_weighting)
+        if not min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be positive; got {min_snr_gamma} (Hang et al. use 5).")
+        if offset_noise < 0:
+            raise ValueError(f"offset_noise must be at least 0; got {offset_noise} (0.1 is usual).")
         self.model = model
         self.ema = EMA(model, ema_decay, ema_warmup)
         self.schedule = schedule
         self.prediction = prediction
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_steps = warmup_steps
+        self.loss_weighting, self.min_snr_gamma, self.offset_noise = loss_weighting, min_snr_gamma, offset_noise
+        self.sigma_data = sigma_data_of(schedule, sigma_data)
         self.meta = meta or {}
         self._ema_step = -1
 
     def loss(self, batch: dict[str, Any]) -> Tensor:
-        """The mean squared error of the prediction target at random t and ε."""
+        """The (weighted) mean squared error of the prediction target at random t and ε."""
         x0 = batch["x"]
         n = x0.shape[0]
         t = self.schedule.sample_t(n, device=x0.device)
-        eps = torch.randn_like(x0)
+        eps = self.noise_like(x0)
         alpha, sigma = self.schedule.alpha(t), self.schedule.sigma(t)
         x_t = expand(alpha, x0) * x0 + expand(sigma, x0) * eps
         cond = self.model.encode(batch, n, "random")
-        out = self.model(x_t, t, cond)
+        out = self.model(*network_inputs(x_t, t, alpha, sigma, self.prediction, self.sigma_data), cond)
         derivs = derivatives(self.schedule, t) if needs_derivatives(self.prediction) else (None, None)
-        target = training_target(x0, eps, alpha, sigma, self.prediction, *derivs)
-        return torch.nn.functional.mse_loss(out.float(), target.float())
+        target = training_target(x0, eps, alpha, sigma, self.prediction, *derivs, sigma_data=self.sigma_data)
+        weight = loss_weight(self.loss_weighting, self.prediction, alpha, sigma, gamma=self.min_snr_gamma,
+                             d_alpha=derivs[0], d_sigma=derivs[1], sigma_data=self.sigma_data)
+        if weight is None:
+            return torch.nn.functional.mse_loss(out.float(), target.float())
+        per_sample = (out.float() - target.float()).square().reshape(n, -1).mean(dim=1)
+        return (weight.to(per_sample.device) * per_sample).mean()
+
+    def noise_like(self, x0: Tensor) -> Tensor:
+        """Training noise ε, with offset noise on every channel when ``offset_noise`` > 0."""
+        eps = torch.randn_like(x0)
+        if self.offset_noise > 0:
+            if x0.ndim < 3:
+                raise ValueError(
+                    f"offset_noise needs data with channels and positions (B, C, ...); got shape {tuple(x0.shape)}."
+                )
+            eps = eps + self.offset_noise * torch.randn(*x0.shape[:2], *([1] * (x0.ndim - 2)),
+                                                        device=x0.device, dtype=x0.dtype)
+        return eps
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = self.loss(batch)

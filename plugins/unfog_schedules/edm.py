@@ -29,13 +29,15 @@ class EDMSchedule:
     the difference, noise of std 0.002, is below 8-bit quantisation of [−1, 1] data).
     Training draws ln σ ~ N(P_mean, P_std²) (Table 1, "Noise distribution") and maps it back
     to t, clamped into [1e-6, 1]; noise levels outside [σ_min, σ_max] land on the ends.
-    :meth:`preconditioning` and :meth:`loss_weight` give Table 1's c_skip, c_out, c_in,
-    c_noise and λ(σ).
+    EDM's preconditioning and loss weighting are the kernel's ``prediction=edm`` and
+    ``loss.weighting=edm`` (they work on every schedule); this schedule's ``sigma_data`` is
+    their σ_data unless the config sets ``sigma_data``.
 
     Args:
         sigma_min: σ at t = 0 (0.002 in the paper).
         sigma_max: σ at t = 1 (80 in the paper).
-        sigma_data: σ_data, the data's standard deviation (0.5 in the paper).
+        sigma_data: σ_data, the data's standard deviation (0.5 in the paper), used by
+            ``prediction=edm`` and ``loss.weighting=edm``.
         p_mean: P_mean, the mean of ln σ during training (−1.2 in the paper).
         p_std: P_std, the standard deviation of ln σ during training (1.2 in the paper).
     """
@@ -92,22 +94,6 @@ class EDMSchedule:
         """The t with σ(t) = ``sigma`` (float64, unclamped)."""
         s = torch.as_tensor(sigma, dtype=torch.float64)
         return (torch.log(s) - self._log_min) / self._log_range
-
-    def preconditioning(self, sigma: Tensor | float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(c_skip, c_out, c_in, c_noise) of Karras et al. (2022), Table 1:
-        σ_d²/(σ² + σ_d²), σ·σ_d/√(σ² + σ_d²), 1/√(σ² + σ_d²), ¼·ln σ."""
-        s = torch.as_tensor(sigma)
-        s = s if s.is_floating_point() else s.to(torch.float32)
-        sd = self.sigma_data
-        total = s * s + sd * sd
-        return sd * sd / total, s * sd / torch.sqrt(total), 1 / torch.sqrt(total), torch.log(s) / 4
-
-    def loss_weight(self, sigma: Tensor | float) -> Tensor:
-        """λ(σ) = (σ² + σ_d²)/(σ·σ_d)², Karras et al. (2022), Table 1."""
-        s = torch.as_tensor(sigma)
-        s = s if s.is_floating_point() else s.to(torch.float32)
-        sd = self.sigma_data
-        return (s * s + sd * sd) / (s * sd) ** 2
 
     def sample_t(self, n: int, *, generator: torch.Generator | None = None, device: Any = None) -> Tensor:
         """Training times: ln σ ~ N(P_mean, P_std²) mapped to t, clamped into [1e-6, 1], on the CPU."""

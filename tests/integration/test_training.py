@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+import unfog
 from unfog.cli import conf_dir
 from unfog.config import register_configs
+from unfog.errors import ConfigError
 from unfog.run import train
 
 TINY = ["backbone=unet_tiny", "trainer=debug", "logger=csv", "data.batch_size=16", "sampling.num_samples=0"]
@@ -37,3 +40,29 @@ def test_v_x0_and_flow_prediction_train_and_sample(tmp_path: Path) -> None:
         result = train(_cfg("trainer.max_steps=2", f"prediction={prediction}", "sampling.num_samples=4",
                             "sampler.steps=3"), tmp_path / prediction)
         assert result.samples is not None and result.samples.is_file()
+
+
+def test_edm_preconditioning_with_weighting_and_offset_noise_trains_and_samples(tmp_path: Path) -> None:
+    from unfog.run import load_checkpoint
+    from unfog.sampling import generate
+
+    result = train(_cfg("trainer.max_steps=2", "prediction=edm", "sigma_data=0.6", "loss.weighting=min_snr",
+                        "loss.offset_noise=0.1", "sampling.num_samples=4", "sampler.steps=3"), tmp_path)
+    assert result.samples is not None and result.samples.is_file()
+    model, schedule, meta = load_checkpoint(result.checkpoint)
+    assert meta["config"]["prediction"] == "edm" and meta["config"]["sigma_data"] == 0.6
+    assert meta["config"]["loss"] == {"weighting": "min_snr", "min_snr_gamma": 5.0, "offset_noise": 0.1}
+    sampler = unfog.create("sampler", "heun", steps=3, spacing="trailing")
+    x = generate(model, schedule, sampler, "edm", meta["wiring"]["data_shape"], range(4),
+                 values={"label": torch.arange(4)}, sigma_data=0.6)
+    assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()
+
+
+def test_loss_options_are_checked_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="Unknown loss weighting 'snr'"):
+        train(_cfg("loss.weighting=snr"), tmp_path / "a")
+    with pytest.raises(ConfigError, match="offset_noise=0.1 shifts each channel.*toy2d"):
+        train(_cfg("experiment=toy2d", "loss.offset_noise=0.1"), tmp_path / "b")
+    with pytest.raises(ConfigError, match="sigma_data must be positive"):
+        train(_cfg("sigma_data=-1"), tmp_path / "c")
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").rglob("*.ckpt"))

@@ -10,26 +10,44 @@ import pytest
 import torch
 
 import unfog
-from unfog.diffusion import PREDICTIONS, Denoiser, SeededNoise, derivatives, expand, training_target
+from unfog.diffusion import (
+    PREDICTIONS,
+    Denoiser,
+    SeededNoise,
+    derivatives,
+    edm_coefficients,
+    expand,
+    training_target,
+)
 from unfog.errors import ConfigError
 from unfog.run import check_schedule_and_prediction
+from unfog.timesteps import time_at_log_snr
 
 MU, STD = 1.5, 0.5
+SIGMA_DATA = 0.5
 N = 4000
 STEPS = {"ddpm": 100, "euler_ancestral": 100}  # ancestral samplers need more steps than ODE solvers here
 
 
 def exact_model(schedule, prediction: str):  # noqa: ANN001, ANN201
-    """The posterior mean E[x₀ | x_t] for N(μ, s²) data, written as ``prediction``."""
+    """The posterior mean E[x₀ | x_t] for N(μ, s²) data, written as ``prediction``.
+
+    For ``edm`` the network is called with EDM's (c_in·x, c_noise), so the model reads x and
+    t back from them: σ/α = exp(4·c_noise) gives t, and x = input / c_in(t).
+    """
 
     def model(x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:  # noqa: ANN001
         t64 = t.to(torch.float64)
+        if prediction == "edm":
+            t64 = time_at_log_snr(schedule, -4 * t64)
+            a, s = schedule.alpha(t64), schedule.sigma(t64)
+            x = x / expand(edm_coefficients(a, s, SIGMA_DATA)[2], x)
         a, s = schedule.alpha(t64), schedule.sigma(t64)
         ae, se = expand(a, x), expand(s, x)
         x0 = MU + ae * STD**2 / (ae**2 * STD**2 + se**2) * (x - ae * MU)
         eps = torch.where(se > 0, (x - ae * x0) / se.clamp_min(1e-300), torch.zeros_like(x))
         d = derivatives(schedule, t64) if prediction == "flow" else (None, None)
-        return training_target(x0, eps, a, s, prediction, *d)
+        return training_target(x0, eps, a, s, prediction, *d, sigma_data=SIGMA_DATA)
 
     return model
 
@@ -49,7 +67,7 @@ def test_combination_works_or_is_refused(sampler: str, schedule_name: str, predi
     kwargs = {"steps": STEPS.get(sampler, 40)}
     if schedule.num_timesteps is None:
         kwargs["spacing"] = "karras" if sampler != "ddpm" else "logsnr"
-    den = Denoiser(exact_model(schedule, prediction), schedule, prediction)
+    den = Denoiser(exact_model(schedule, prediction), schedule, prediction, sigma_data=SIGMA_DATA)
     rng = SeededNoise.for_indices(0, range(4))
     scale = float(schedule.sigma(torch.tensor([1.0], dtype=torch.float64))[0])
     noise = scale * rng.randn_like(torch.empty(4, N // 4, dtype=torch.float64))

@@ -85,22 +85,6 @@ def test_edm_formula_and_endpoints():
     assert float(custom.sigma(f64([0.5]))[0]) == pytest.approx(math.sqrt(0.01 * 10.0), rel=1e-12)
 
 
-def test_edm_preconditioning_and_loss_weight():
-    """Karras et al. (2022), Table 1, column "EDM"."""
-    s = make("edm", sigma_data=0.5)
-    for sigma in (0.002, 0.1, 0.5, 3.0, 80.0):
-        c_skip, c_out, c_in, c_noise = (float(v) for v in s.preconditioning(f64([sigma]))[:4])
-        d = 0.5
-        assert c_skip == pytest.approx(d * d / (sigma * sigma + d * d), rel=1e-12)
-        assert c_out == pytest.approx(sigma * d / math.sqrt(sigma * sigma + d * d), rel=1e-12)
-        assert c_in == pytest.approx(1 / math.sqrt(sigma * sigma + d * d), rel=1e-12)
-        assert c_noise == pytest.approx(0.25 * math.log(sigma), rel=1e-12)
-        assert float(s.loss_weight(f64([sigma]))[0]) == pytest.approx((sigma**2 + d * d) / (sigma * d) ** 2,
-                                                                      rel=1e-12)
-        # EDM's effective training weight λ(σ)·c_out(σ)² is 1 for every σ.
-        assert float(s.loss_weight(f64([sigma]))[0]) * c_out**2 == pytest.approx(1.0, rel=1e-12)
-
-
 @pytest.mark.parametrize("name", CONTINUOUS)
 def test_dtype_follows_input(name):
     s = make(name)
