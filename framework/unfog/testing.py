@@ -9,10 +9,16 @@ A plugin's tests subclass the suite for its kind and name the component::
         kwargs = {"steps": 10}
 
 unfog's own ``tests/contract`` runs these suites over every registered component.
+
+For samplers there is also a Gaussian oracle: :func:`gaussian_denoiser` is the exact denoiser
+of data ~ N(μ, s²) in any prediction target, and :func:`gaussian_flow` the exact
+probability-flow map it induces, so a sampler can be checked against closed forms; the noise
+sources :class:`OneStreamNoise` and :class:`NoNoise` and :func:`standardized_noise` go with it.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -20,7 +26,16 @@ from omegaconf import OmegaConf
 
 import unfog
 from unfog.config import schema
-from unfog.diffusion import Denoiser, SeededNoise
+from unfog.diffusion import (
+    Denoiser,
+    SeededNoise,
+    alpha_sigma,
+    check_prediction,
+    derivatives,
+    expand,
+    needs_derivatives,
+    training_target,
+)
 from unfog.protocols import ROUTES
 
 
@@ -41,15 +56,73 @@ class Contract:
         assert entry.summary, f"{self.kind} {self.key!r} needs a docstring whose first line says what it is"
 
 
-def gaussian_denoiser(schedule: Any, mean: float = 0.5, std: float = 0.8) -> Denoiser:
-    """The exact denoiser for data ~ N(mean, std²) per coordinate (posterior mean of x₀)."""
+def gaussian_x0(x: Any, alpha: Any, sigma: Any, mean: float = 0.5, std: float = 0.8) -> Any:
+    """E[x₀ | x_t = ``x``] for data ~ N(mean, std²) per coordinate: μ + α·s²/(α²s² + σ²)·(x − α·μ).
+
+    ``alpha`` and ``sigma`` may be floats or tensors that broadcast against ``x``.
+    """
+    return mean + alpha * std * std / (alpha * alpha * std * std + sigma * sigma) * (x - alpha * mean)
+
+
+def gaussian_denoiser(schedule: Any, mean: float = 0.5, std: float = 0.8, prediction: str = "x0") -> Denoiser:
+    """The exact denoiser for data ~ N(mean, std²) per coordinate, as a network predicting
+    ``prediction`` (any of ``unfog.diffusion.PREDICTIONS``), so a sampler's output can be
+    checked against closed forms (:func:`gaussian_flow`).
+
+    The network reads α(t) and σ(t) from ``schedule`` as the :class:`Denoiser` does when it
+    converts back, so every target gives the same x̂₀ up to rounding.
+    """
+    check_prediction(prediction)
 
     def model(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
-        a = schedule.alpha(t).reshape(-1, *([1] * (x.ndim - 1)))
-        s = schedule.sigma(t).reshape(-1, *([1] * (x.ndim - 1)))
-        return mean + a * std**2 / (a**2 * std**2 + s**2) * (x - a * mean)
+        alpha, sigma = schedule.alpha(t), schedule.sigma(t)
+        a, s = expand(alpha, x), expand(sigma, x)
+        x0 = gaussian_x0(x, a, s, mean, std)
+        if prediction == "x0":
+            return x0
+        derivs = derivatives(schedule, t) if needs_derivatives(prediction) else (None, None)
+        return training_target(x0, (x - a * x0) / s, alpha, sigma, prediction, *derivs)
 
-    return Denoiser(model, schedule, prediction="x0")
+    return Denoiser(model, schedule, prediction=prediction)
+
+
+def gaussian_flow(schedule: Any, x: torch.Tensor, t: float, s: float, mean: float = 0.5,
+                  std: float = 0.8) -> torch.Tensor:
+    """The exact probability-flow ODE image at time ``s`` of ``x`` at time ``t``, for data ~ N(mean, std²).
+
+    x_t ~ N(α_t·μ, α_t²s² + σ_t²) and the flow is affine with a positive slope, so it keeps the
+    standardized value q = (x_t − α_t·μ)/√(α_t²s² + σ_t²); α and σ are taken in float64.
+    """
+    a_t, s_t = alpha_sigma(schedule, t)
+    a_s, s_s = alpha_sigma(schedule, s)
+    q = (x - a_t * mean) / math.sqrt(a_t * a_t * std * std + s_t * s_t)
+    return a_s * mean + q * math.sqrt(a_s * a_s * std * std + s_s * s_s)
+
+
+def standardized_noise(rows: int = 4, cols: int = 5000, seed: int = 0) -> torch.Tensor:
+    """N(0, 1) noise (float64) standardized to mean 0 and std 1 exactly, so a deterministic
+    affine sampler's output moments carry no sampling error."""
+    z = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (z - z.mean()) / z.std()
+
+
+class OneStreamNoise:
+    """A noise source with one generator for the whole batch: much faster than
+    :class:`~unfog.diffusion.SeededNoise` for large batches, but a sample's noise depends on the
+    batch. Draws float32 (several times faster than float64) and casts to ``x``'s dtype."""
+
+    def __init__(self, seed: int) -> None:
+        self.g = torch.Generator().manual_seed(seed)
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.randn(x.shape, generator=self.g).to(x.dtype)
+
+
+class NoNoise:
+    """A noise source that fails when asked for noise: passing it proves a sampler deterministic."""
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("a deterministic sampler asked for noise")
 
 
 class SamplerContract(Contract):

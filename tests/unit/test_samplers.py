@@ -23,48 +23,19 @@ import torch
 import unfog
 from unfog.diffusion import Denoiser, SeededNoise
 from unfog.errors import ConfigError
+from unfog.testing import NoNoise, OneStreamNoise, gaussian_denoiser, gaussian_flow, standardized_noise
 
 MU, S = 1.5, 0.5
 
 
-def ideal_model(schedule, prediction: str = "x0"):
-    """(x, t, cond) -> the exact ``prediction`` for x₀ ~ N(MU, S²)."""
-
-    def model(x, t, cond):
-        # the same α(t), σ(t) the Denoiser uses to convert back, so every target is exact
-        a = schedule.alpha(t).to(x.dtype).reshape(-1, *[1] * (x.ndim - 1))
-        sg = schedule.sigma(t).to(x.dtype).reshape(-1, *[1] * (x.ndim - 1))
-        x0 = MU + a * S * S / (a * a * S * S + sg * sg) * (x - a * MU)
-        if prediction == "x0":
-            return x0
-        eps = (x - a * x0) / sg
-        if prediction == "eps":
-            return eps
-        return a * eps - sg * x0
-
-    return model
-
-
 def ideal(schedule, prediction: str = "x0") -> Denoiser:
-    return Denoiser(ideal_model(schedule, prediction), schedule, prediction=prediction)
+    """The exact denoiser for x₀ ~ N(MU, S²), as a network predicting ``prediction``."""
+    return gaussian_denoiser(schedule, MU, S, prediction)
 
 
 def exact_flow(schedule, x1: torch.Tensor) -> torch.Tensor:
     """The probability-flow ODE's exact image at t = 0 of x₁ at t = 1."""
-    one = torch.ones(1, dtype=torch.float64)
-    a, sg = float(schedule.alpha(one)[0]), float(schedule.sigma(one)[0])
-    return MU + S * (x1 - a * MU) / math.sqrt(a * a * S * S + sg * sg)
-
-
-class GenNoise:
-    """One generator for the whole batch (SeededNoise's per-row streams are slow for 20k);
-    float32 draws, which torch makes several times faster than float64 ones."""
-
-    def __init__(self, seed: int):
-        self.g = torch.Generator().manual_seed(seed)
-
-    def randn_like(self, x):
-        return torch.randn(x.shape, generator=self.g).to(x.dtype)
+    return gaussian_flow(schedule, x1, 1.0, 0.0, MU, S)
 
 
 class GridTime:
@@ -91,18 +62,6 @@ class GridTime:
 
     def sample_t(self, n, *, generator=None, device=None):
         return self.inner.sample_t(n, generator=generator, device=device)
-
-
-class NoNoise:
-    def randn_like(self, x):
-        raise AssertionError("a deterministic sampler asked for noise")
-
-
-def std_noise(rows: int = 4, cols: int = 5000, seed: int = 0) -> torch.Tensor:
-    """N(0, 1) noise standardized to mean 0 and std 1 exactly, so a deterministic affine
-    sampler's output moments carry no sampling error."""
-    z = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return (z - z.mean()) / z.std()
 
 
 def sampler(name: str, **kw):
@@ -158,7 +117,7 @@ def test_ddim_converges_first_order_to_the_exact_flow(schedule_name, spacing, re
 
 
 def test_ddim_deterministic_samples_have_the_data_distribution(linear):
-    noise = std_noise()
+    noise = standardized_noise()
     out = sampler("ddim", steps=200, eta=0.0, spacing="trailing").sample(ideal(linear), noise, NoNoise())
     # noise moments are exactly (0, 1), so the exact flow gives these moments
     one = torch.ones(1, dtype=torch.float64)
@@ -176,7 +135,7 @@ def test_ddim_deterministic_samples_have_the_data_distribution(linear):
 
 
 def test_ddim_few_leading_steps_still_close(linear):
-    noise = std_noise(seed=1)
+    noise = standardized_noise(seed=1)
     out = sampler("ddim", steps=50, eta=0.0, spacing="leading").sample(ideal(linear), noise, NoNoise())
     # first-order DDIM with 50 steps shrinks the spread by ~5 %; a wrong respacing breaks it badly
     assert float(out.mean()) == pytest.approx(MU, rel=0.01)
@@ -185,7 +144,7 @@ def test_ddim_few_leading_steps_still_close(linear):
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_ddim_is_the_same_for_every_prediction_target(linear, prediction):
-    noise = std_noise(2, 50, seed=3)
+    noise = standardized_noise(2, 50, seed=3)
     s = sampler("ddim", steps=30, eta=0.0, spacing="trailing")
     ref = s.sample(ideal(linear, "x0"), noise)
     out = s.sample(ideal(linear, prediction), noise)
@@ -193,7 +152,7 @@ def test_ddim_is_the_same_for_every_prediction_target(linear, prediction):
 
 
 def test_ddim_deterministic_without_rng(linear):
-    noise = std_noise(2, 10, seed=4)
+    noise = standardized_noise(2, 10, seed=4)
     den = ideal(linear)
     s = sampler("ddim", steps=20, eta=0.0)
     a, b = s.sample(den, noise), s.sample(den, noise)
@@ -205,9 +164,9 @@ def test_ddim_deterministic_without_rng(linear):
 
 
 def test_ddpm_all_steps_has_the_data_distribution(linear):
-    noise = std_noise(seed=5)
+    noise = standardized_noise(seed=5)
     den = ideal(linear)
-    out = sampler("ddpm").sample(den, noise, GenNoise(6))
+    out = sampler("ddpm").sample(den, noise, OneStreamNoise(6))
     assert den.nfe == 1000
     n = out.numel()
     # injected noise leaves sampling error ~ s/√n in the mean and ~ 1/√(2n) relative in the std
@@ -251,18 +210,18 @@ def test_ddim_eta1_equals_ddpm_small_float32_time(linear):
 
 
 def test_ddpm_large_variance_differs_from_small(linear):
-    noise = std_noise(2, 50, seed=7)
-    small = sampler("ddpm", steps=20, variance="small").sample(ideal(linear), noise, GenNoise(1))
-    large = sampler("ddpm", steps=20, variance="large").sample(ideal(linear), noise, GenNoise(1))
+    noise = standardized_noise(2, 50, seed=7)
+    small = sampler("ddpm", steps=20, variance="small").sample(ideal(linear), noise, OneStreamNoise(1))
+    large = sampler("ddpm", steps=20, variance="large").sample(ideal(linear), noise, OneStreamNoise(1))
     assert float(large.std()) > float(small.std())
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_ddpm_is_the_same_for_every_prediction_target(linear, prediction):
-    noise = std_noise(2, 50, seed=8)
+    noise = standardized_noise(2, 50, seed=8)
     s = sampler("ddpm", steps=25, spacing="trailing")
-    ref = s.sample(ideal(linear, "x0"), noise, GenNoise(2))
-    out = s.sample(ideal(linear, prediction), noise, GenNoise(2))
+    ref = s.sample(ideal(linear, "x0"), noise, OneStreamNoise(2))
+    out = s.sample(ideal(linear, prediction), noise, OneStreamNoise(2))
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
 
 

@@ -1,5 +1,5 @@
-"""Euler, Heun, ancestral Euler and DPM-Solver++ against closed forms, with the exact
-denoiser of Gaussian data (the oracle of tests/unit/test_samplers.py).
+"""Euler, Heun, ancestral Euler, DPM-Solver++ and UniPC against closed forms, with the exact
+denoiser of Gaussian data (the oracle of ``unfog.testing``).
 
 For x₀ ~ N(μ, s²) the probability-flow ODE maps the standardized value of x_t,
 q = (x_t − α_t·μ)/√(α_t²s² + σ_t²), to the same standardized value at every other time. The
@@ -21,8 +21,9 @@ import pytest
 import torch
 
 import unfog
-from unfog.diffusion import Denoiser, SeededNoise
+from unfog.diffusion import Denoiser, SeededNoise, alpha_sigma
 from unfog.errors import ConfigError
+from unfog.testing import NoNoise, OneStreamNoise, gaussian_denoiser, gaussian_flow, gaussian_x0, standardized_noise
 from unfog.timesteps import sampling_times
 
 MU, S = 1.5, 0.5
@@ -30,38 +31,7 @@ MU, S = 1.5, 0.5
 
 def ideal(schedule, prediction: str = "x0") -> Denoiser:
     """The exact denoiser for x₀ ~ N(MU, S²), as a network predicting ``prediction``."""
-
-    def model(x, t, cond):
-        a = schedule.alpha(t).to(x.dtype).reshape(-1, *[1] * (x.ndim - 1))
-        sg = schedule.sigma(t).to(x.dtype).reshape(-1, *[1] * (x.ndim - 1))
-        x0 = MU + a * S * S / (a * a * S * S + sg * sg) * (x - a * MU)
-        if prediction == "x0":
-            return x0
-        eps = (x - a * x0) / sg
-        return eps if prediction == "eps" else a * eps - sg * x0
-
-    return Denoiser(model, schedule, prediction=prediction)
-
-
-class GenNoise:
-    """One generator for the whole batch (fast), float32 draws."""
-
-    def __init__(self, seed: int):
-        self.g = torch.Generator().manual_seed(seed)
-
-    def randn_like(self, x):
-        return torch.randn(x.shape, generator=self.g).to(x.dtype)
-
-
-class NoNoise:
-    def randn_like(self, x):
-        raise AssertionError("a deterministic sampler asked for noise")
-
-
-def std_noise(rows: int = 4, cols: int = 5000, seed: int = 0) -> torch.Tensor:
-    """N(0, 1) noise standardized to mean 0 and std 1 exactly."""
-    z = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return (z - z.mean()) / z.std()
+    return gaussian_denoiser(schedule, MU, S, prediction)
 
 
 class SmoothVP:
@@ -101,18 +71,10 @@ def sampler(name: str, **kw):
     return unfog.create("sampler", name, **kw)
 
 
-def _alpha_sigma(schedule, t: float) -> tuple[float, float]:
-    tt = torch.tensor([t], dtype=torch.float64)
-    return float(schedule.alpha(tt)[0]), float(schedule.sigma(tt)[0])
-
-
 def reference(schedule, times: list[float], x: torch.Tensor) -> torch.Tensor:
     """Exact flow from times[0] to the last nonzero time, then the exact x̂₀ there."""
-    a0, s0 = _alpha_sigma(schedule, times[0])
-    a1, s1 = _alpha_sigma(schedule, times[-2])
-    q = (x - a0 * MU) / math.sqrt(a0 * a0 * S * S + s0 * s0)
-    x1 = a1 * MU + q * math.sqrt(a1 * a1 * S * S + s1 * s1)
-    return MU + a1 * S * S / (a1 * a1 * S * S + s1 * s1) * (x1 - a1 * MU)
+    x1 = gaussian_flow(schedule, x, times[0], times[-2], MU, S)
+    return gaussian_x0(x1, *alpha_sigma(schedule, times[-2]), MU, S)
 
 
 def solver_errors(schedule, name: str, kw: dict, steps: tuple[int, ...], spacing: str = "logsnr") -> list[float]:
@@ -133,15 +95,24 @@ def ratios(errors: list[float]) -> list[float]:
 
 # measured (both schedules, logsnr spacing, N = 16 → 32 → 64):
 #   euler 0.504, 0.503 · heun 0.213, 0.232 · dpm_solver_pp 2M 0.27-0.28, 0.250 · 3M 0.15, 0.205
+#   unipc: UniP-1 (= DDIM) 0.50-0.51, 0.50 · UniPC-1 (UniC raises it to order 2) 0.254-0.258, 0.247
+#   UniP-2 0.27-0.28, 0.250 (bh2: identical to 2M) · UniPC-2 bh2 0.137-0.143, 0.124-0.125 and
+#   bh1 0.102, 0.112 (order 3: theory 1/8; 64 → 128 gives 0.123 and 0.118)
 ORDER_CASES = [
     ("euler", {}, (0.45, 0.55)),
     ("heun", {}, (0.15, 0.30)),
     ("dpm_solver_pp", dict(order=2), (0.18, 0.32)),
+    ("unipc", dict(order=1, corrector=False), (0.45, 0.55)),
+    ("unipc", dict(order=1), (0.18, 0.32)),
+    ("unipc", dict(order=2, corrector=False), (0.18, 0.32)),
+    ("unipc", dict(order=2), (0.09, 0.17)),
+    ("unipc", dict(order=2, variant="bh1"), (0.08, 0.17)),
 ]
+ORDER_IDS = ["euler", "heun", "dpmpp_2m", "unip_1", "unipc_1", "unip_2", "unipc_2", "unipc_2_bh1"]
 
 
 @pytest.mark.parametrize("schedule_name", list(SCHEDULES))
-@pytest.mark.parametrize("name,kw,band", ORDER_CASES, ids=["euler", "heun", "dpmpp_2m"])
+@pytest.mark.parametrize("name,kw,band", ORDER_CASES, ids=ORDER_IDS)
 def test_convergence_order(schedule_name, name, kw, band):
     errors = solver_errors(SCHEDULES[schedule_name](), name, kw, (16, 32, 64))
     r = ratios(errors)
@@ -157,6 +128,38 @@ def test_dpm_solver_pp_3m_beats_2m(schedule_name):
     assert all(b < a for a, b in zip(e2, e3, strict=False)), (e2, e3)
     assert e3[-1] < 0.5 * e2[-1], (e2, e3)
     assert all(v < 0.23 for v in ratios(e3)), (e3, ratios(e3))
+
+
+@pytest.mark.parametrize("schedule_name", list(SCHEDULES))
+def test_unipc_3_beats_unipc_2(schedule_name):
+    schedule = SCHEDULES[schedule_name]()
+    e2 = solver_errors(schedule, "unipc", dict(order=2), (16, 32, 64))
+    e3 = solver_errors(schedule, "unipc", dict(order=3), (16, 32, 64))
+    # measured e3: 4.3e-3, 1.8e-4, 2.5e-5 (smooth_vp), 9.8e-3, 1.9e-4, 3.4e-5 (rectified_flow), 6-25× below
+    # UniPC-2; its ratios (0.02-0.18) are irregular at these N, so no order band is asserted
+    assert all(b < 0.4 * a for a, b in zip(e2, e3, strict=False)), (e2, e3)
+    assert all(v < 0.2 for v in ratios(e3)), (e3, ratios(e3))
+
+
+def test_unip_2_bh2_is_dpm_solver_pp_2m():
+    """With B(h) = 1 − e^{−h} and a₁ = 1/2, UniP-2 is the midpoint form of DPM-Solver++(2M)."""
+    schedule = SmoothVP()
+    noise = standardized_noise(2, 20, seed=2)
+    a = sampler("unipc", steps=12, corrector=False).sample(ideal(schedule), noise, NoNoise())
+    b = sampler("dpm_solver_pp", steps=12).sample(ideal(schedule), noise, NoNoise())
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("schedule_name", list(SCHEDULES))
+def test_unipc_beats_dpm_solver_pp_2m(schedule_name):
+    """The same denoiser calls, a smaller error: the corrector is worth its (zero) cost."""
+    schedule = SCHEDULES[schedule_name]()
+    e_unipc = solver_errors(schedule, "unipc", {}, (16, 32, 64))
+    e_2m = solver_errors(schedule, "dpm_solver_pp", dict(order=2), (16, 32, 64))
+    # measured e_unipc/e_2m: 0.81, 0.41, 0.20 (smooth_vp), 0.87, 0.45, 0.22 (rectified_flow). Not at
+    # 10 steps, though: 7.7e-2 vs 6.1e-2 and 8.6e-2 vs 6.2e-2 (h ≈ 1.2 in λ is far from asymptotic)
+    assert all(a < b for a, b in zip(e_unipc, e_2m, strict=False)), (e_unipc, e_2m)
+    assert e_unipc[-1] < 0.3 * e_2m[-1], (e_unipc, e_2m)
 
 
 # --------------------------------------------------------------------------- identities
@@ -175,7 +178,7 @@ def test_euler_equals_deterministic_ddim(spacing, steps):
 
 def test_euler_ancestral_eta0_is_euler():
     schedule = SmoothVP()
-    noise = std_noise(2, 20, seed=2)
+    noise = standardized_noise(2, 20, seed=2)
     a = sampler("euler_ancestral", steps=12, eta=0.0, spacing="logsnr").sample(ideal(schedule), noise, NoNoise())
     b = sampler("euler", steps=12, spacing="logsnr").sample(ideal(schedule), noise, NoNoise())
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -183,32 +186,53 @@ def test_euler_ancestral_eta0_is_euler():
 
 @pytest.mark.parametrize(
     "name,kw,nfe",
-    [("euler", {}, 10), ("heun", {}, 19), ("dpm_solver_pp", dict(order=3), 10), ("euler_ancestral", {}, 10)],
+    [("euler", {}, 10), ("heun", {}, 19), ("dpm_solver_pp", dict(order=3), 10), ("euler_ancestral", {}, 10),
+     ("unipc", {}, 10), ("unipc", dict(order=3), 10), ("unipc", dict(order=1, corrector=False), 10)],
 )
 def test_denoiser_calls(name, kw, nfe):
     den = ideal(SmoothVP())
-    sampler(name, steps=10, spacing="logsnr", **kw).sample(den, std_noise(1, 4), GenNoise(0))
+    sampler(name, steps=10, spacing="logsnr", **kw).sample(den, standardized_noise(1, 4), OneStreamNoise(0))
     assert den.nfe == nfe
 
 
 def test_heun_takes_an_euler_step_out_of_alpha_zero():
     den = ideal(RectifiedFlow())
-    out = sampler("heun", steps=10, spacing="uniform").sample(den, std_noise(1, 4), NoNoise())
+    out = sampler("heun", steps=10, spacing="uniform").sample(den, standardized_noise(1, 4), NoNoise())
     assert den.nfe == 18 and torch.isfinite(out).all()
+
+
+def test_unipc_out_of_alpha_zero_is_one_uncorrected_first_order_step():
+    """From α = 0 (λ = −∞) UniPC takes a DDIM step, does not correct it, and does not reuse its
+    x̂₀: with 3 steps the third is the final x̂₀, so every variant equals UniP-1 (DDIM)."""
+    schedule = RectifiedFlow()
+    noise = standardized_noise(2, 20, seed=4)
+    ddim = sampler("unipc", steps=3, spacing="uniform", order=1, corrector=False).sample(ideal(schedule), noise)
+    for kw in ({}, dict(corrector=False), dict(order=3, variant="bh1")):
+        den = ideal(schedule)
+        out = sampler("unipc", steps=3, spacing="uniform", **kw).sample(den, noise, NoNoise())
+        assert den.nfe == 3
+        torch.testing.assert_close(out, ddim, rtol=1e-12, atol=1e-12)
+    # Euler is the same step written with the denoiser's α(t), σ(t) at float32 t: equal to ~1e-8,
+    # where a correction or a second-order step would differ by ~1e-1
+    euler = sampler("euler", steps=3, spacing="uniform").sample(ideal(schedule), noise, NoNoise())
+    torch.testing.assert_close(ddim, euler, rtol=1e-6, atol=1e-6)
+    den = ideal(schedule)
+    out = sampler("unipc", steps=10, spacing="uniform").sample(den, noise, NoNoise())
+    assert den.nfe == 10 and torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 @pytest.mark.parametrize(
     "name,kw",
     [("euler", {}), ("heun", dict(s_churn=5.0)), ("euler_ancestral", {}), ("dpm_solver_pp", dict(order=3)),
-     ("dpm_solver_pp", dict(variant="sde"))],
+     ("dpm_solver_pp", dict(variant="sde")), ("unipc", {}), ("unipc", dict(order=3, variant="bh1"))],
 )
 def test_same_for_every_prediction_target(name, kw, prediction):
     schedule = unfog.create("schedule", "cosine", num_timesteps=1000)
-    noise = std_noise(2, 30, seed=3)
+    noise = standardized_noise(2, 30, seed=3)
     s = sampler(name, steps=15, spacing="trailing", **kw)
-    ref = s.sample(ideal(schedule, "x0"), noise, GenNoise(4))
-    out = s.sample(ideal(schedule, prediction), noise, GenNoise(4))
+    ref = s.sample(ideal(schedule, "x0"), noise, OneStreamNoise(4))
+    out = s.sample(ideal(schedule, prediction), noise, OneStreamNoise(4))
     torch.testing.assert_close(out, ref, rtol=1e-8, atol=1e-8)
 
 
@@ -242,7 +266,7 @@ def test_stochastic_same_seed_same_samples(name, kw):
 @pytest.mark.parametrize("name,kw", STOCHASTIC, ids=STOCHASTIC_IDS)
 def test_stochastic_samples_have_the_data_distribution(name, kw, schedule_name, spacing):
     schedule = SCHEDULES[schedule_name]()
-    noise = std_noise(4, 5000, seed=5)
+    noise = standardized_noise(4, 5000, seed=5)
     out = sampler(name, spacing=spacing, **kw).sample(ideal(schedule), noise, SeededNoise.for_indices(6, range(4)))
     assert torch.isfinite(out).all()
     n = out.numel()
@@ -256,15 +280,16 @@ def test_stochastic_samples_have_the_data_distribution(name, kw, schedule_name, 
 @pytest.mark.parametrize(
     "name,kw",
     [("euler", dict(steps=100)), ("heun", dict(steps=20)), ("dpm_solver_pp", dict(steps=20)),
-     ("dpm_solver_pp", dict(steps=20, order=3))],
-    ids=["euler", "heun", "dpmpp_2m", "dpmpp_3m"],
+     ("dpm_solver_pp", dict(steps=20, order=3)), ("unipc", dict(steps=20)), ("unipc", dict(steps=20, order=3)),
+     ("unipc", dict(steps=20, variant="bh1"))],
+    ids=["euler", "heun", "dpmpp_2m", "dpmpp_3m", "unipc_2", "unipc_3", "unipc_2_bh1"],
 )
 @pytest.mark.parametrize("prediction", ["x0", "v"])
 def test_deterministic_from_pure_noise_at_alpha_zero(name, kw, prediction):
     """On rectified flow with a uniform grid the first step starts at α = 0 exactly."""
     schedule = RectifiedFlow()
-    assert sampling_times(schedule, 4, "uniform")[0] == 1.0 and _alpha_sigma(schedule, 1.0)[0] == 0.0
-    noise = std_noise(2, 500, seed=7)
+    assert sampling_times(schedule, 4, "uniform")[0] == 1.0 and alpha_sigma(schedule, 1.0)[0] == 0.0
+    noise = standardized_noise(2, 500, seed=7)
     out = sampler(name, spacing="uniform", **kw).sample(ideal(schedule, prediction), noise, NoNoise())
     assert torch.isfinite(out).all()
     exact = MU + S * noise  # the flow from x₁ = ε maps the N(0, 1) quantile to the data quantile
@@ -289,6 +314,10 @@ def test_deterministic_from_pure_noise_at_alpha_zero(name, kw, prediction):
         ("dpm_solver_pp", dict(order=4)),
         ("dpm_solver_pp", dict(variant="stochastic")),
         ("dpm_solver_pp", dict(steps=0)),
+        ("unipc", dict(order=0)),
+        ("unipc", dict(order=4)),
+        ("unipc", dict(variant="bh3")),
+        ("unipc", dict(steps=0)),
     ],
 )
 def test_invalid_arguments_refused(name, kw):
@@ -296,7 +325,7 @@ def test_invalid_arguments_refused(name, kw):
         sampler(name, **kw)
 
 
-@pytest.mark.parametrize("name", ["euler", "heun", "euler_ancestral", "dpm_solver_pp"])
+@pytest.mark.parametrize("name", ["euler", "heun", "euler_ancestral", "dpm_solver_pp", "unipc"])
 def test_discrete_spacing_on_a_continuous_schedule_refused(name):
     with pytest.raises(ConfigError):
         sampler(name, steps=5, spacing="leading").sample(ideal(SmoothVP()), torch.zeros(1, 2, dtype=torch.float64))
