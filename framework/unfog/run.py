@@ -137,7 +137,6 @@ def train(cfg: Mapping[str, Any], run_dir: Path) -> TrainResult:
     """Train the composed config, writing checkpoints, samples and logs into ``run_dir``."""
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-    from torch.utils.data import DataLoader
 
     from unfog.callbacks import AtomicCheckpointIO, SampleGrid
     from unfog.loggers import build_logger
@@ -167,12 +166,9 @@ def train(cfg: Mapping[str, Any], run_dir: Path) -> TrainResult:
         model, schedule, cfg["prediction"], lr=opt["lr"], weight_decay=opt["weight_decay"],
         betas=tuple(opt["betas"]), warmup_steps=opt["warmup_steps"], ema_decay=ema["decay"],
         ema_warmup=ema["warmup"], loss_weighting=loss["weighting"], min_snr_gamma=loss["min_snr_gamma"],
-        offset_noise=loss["offset_noise"], sigma_data=cfg.get("sigma_data"), meta=meta,
+        offset_noise=loss["offset_noise"], sigma_data=cfg.get("sigma_data"), seed=cfg["seed"], meta=meta,
     )
-    bs = cfg["data"]["batch_size"]
-    workers = cfg["data"]["num_workers"]
-    loader = DataLoader(dataset, batch_size=bs, shuffle=True, drop_last=len(dataset) >= bs,
-                        num_workers=workers, persistent_workers=workers > 0)
+    loader = train_loader(dataset, cfg["data"]["batch_size"], cfg["data"]["num_workers"], cfg["seed"], module)
     logger = build_logger(plain(cfg.get("logger")), run_dir, config={**resolved, "versions": meta["versions"]})
     ckpt_dir = run_dir / "checkpoints"
     grid = SampleGrid(sampler, run_dir / "samples", tuple(dataset.data_shape), dataset.data_range,
@@ -186,7 +182,8 @@ def train(cfg: Mapping[str, Any], run_dir: Path) -> TrainResult:
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     trainer = L.Trainer(**dict(plain(cfg["trainer"])), logger=logger, callbacks=callbacks,
-                        plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir))
+                        plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir),
+                        use_distributed_sampler=False)  # ResumableSampler shards the data itself
     start = time.perf_counter()
     trainer.fit(module, loader, ckpt_path=cfg["ckpt_path"], weights_only=True)  # checkpoints are untrusted
     seconds = time.perf_counter() - start
@@ -197,6 +194,23 @@ def train(cfg: Mapping[str, Any], run_dir: Path) -> TrainResult:
         logger.experiment.finish()
     return TrainResult(run_dir, last, grid.last_path, trainer.global_step, seconds,
                        float(loss) if loss is not None else None)
+
+
+def train_loader(dataset: Any, batch_size: int, num_workers: int, seed: int, module: Any) -> Any:
+    """A DataLoader whose order depends only on the seed and the batches ``module`` has
+    trained on (restored with its checkpoint), sharded across processes."""
+    from torch.utils.data import DataLoader
+
+    from unfog.data import ResumableSampler
+
+    def position() -> tuple[int, int, int]:
+        trainer = module._trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return int(module.batches_seen), rank, world
+
+    sampler = ResumableSampler(len(dataset), batch_size, seed, position)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      persistent_workers=num_workers > 0)
 
 
 def _is_wandb(logger: Any) -> bool:

@@ -11,7 +11,7 @@ from typing import Any
 from omegaconf import MISSING
 
 # Trainer arguments that unfog builds itself from other config groups.
-_TRAINER_BUILT = frozenset({"logger", "callbacks", "plugins", "default_root_dir"})
+_TRAINER_BUILT = frozenset({"logger", "callbacks", "plugins", "default_root_dir", "use_distributed_sampler"})
 
 
 @dataclass

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from unfog.data import step_seed
 from unfog.diffusion import (
     check_prediction,
     check_weighting,
@@ -28,6 +29,11 @@ from unfog.protocols import Schedule
 
 # The EMA copy stays in eval mode on purpose; Lightning warns about any eval-mode module.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+# unfog's ResumableSampler continues the data order from the restored batch count, so a
+# mid-epoch checkpoint resumes exactly; Lightning cannot see that and would warn on every resume.
+warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+# A resumed run writes into its own run folder; Lightning notes that the old folder is not reused.
+warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
 
 
 class EMA(nn.Module):
@@ -69,8 +75,13 @@ class DiffusionModule(L.LightningModule):
 
     ``offset_noise`` adds, to each sample's training noise, one extra Gaussian value per
     channel shared by all positions, scaled by this factor (Guttenberg 2023, "Diffusion with
-    offset noise"), so the model learns to change an image's mean brightness. Every part is
-    injected; nothing here knows a concrete component.
+    offset noise"), so the model learns to change an image's mean brightness.
+
+    Randomness is a function of the run's ``seed``, the number of batches trained so far and
+    the process rank: the global RNG is reseeded before every batch (:func:`step_seed`), and
+    the count is a buffer saved in checkpoints, so a resumed run draws the same t, ε, dropout
+    and conditioning drops as an uninterrupted one. Every part is injected; nothing here
+    knows a concrete component.
     """
 
     def __init__(
@@ -88,6 +99,7 @@ class DiffusionModule(L.LightningModule):
         min_snr_gamma: float = 5.0,
         offset_noise: float = 0.0,
         sigma_data: float | None = None,
+        seed: int = 0,
         meta: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -105,6 +117,8 @@ class DiffusionModule(L.LightningModule):
         self.warmup_steps = warmup_steps
         self.loss_weighting, self.min_snr_gamma, self.offset_noise = loss_weighting, min_snr_gamma, offset_noise
         self.sigma_data = sigma_data_of(schedule, sigma_data)
+        self.seed = seed
+        self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
         self.meta = meta or {}
         self._ema_step = -1
 
@@ -139,8 +153,12 @@ class DiffusionModule(L.LightningModule):
                                                         device=x0.device, dtype=x0.dtype)
         return eps
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        torch.manual_seed(step_seed(self.seed, int(self.batches_seen), self.global_rank))
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = self.loss(batch)
+        self.batches_seen += 1
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"The training loss became {loss.item()} at step {self.global_step}. Nothing was saved "
