@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from unfog.images import picture, save_png
 from unfog.loggers import log_picture
 from unfog.protocols import Sampler
-from unfog.sampling import default_values, generate
+from unfog.sampling import default_values, gather, generate, select, shard
 
 
 class SampleGrid(L.Callback):
@@ -45,18 +46,26 @@ class SampleGrid(L.Callback):
         self.draw(trainer, pl_module)
 
     def draw(self, trainer: L.Trainer, pl_module: Any) -> Path | None:
-        """Draw, save and log the grid for the current step (once per step, on rank 0)."""
+        """Draw the grid for the current step, shared out across processes; rank 0 saves
+        ``step_NNNNNNN.png`` and ``.npz`` and logs the picture. Every sample has its own noise
+        stream, so the grid is the same for any number of processes."""
         step = trainer.global_step
-        if step == self.last_step or not trainer.is_global_zero or self.num_samples <= 0:
+        if step == self.last_step or self.num_samples <= 0:
             return self.last_path
         self.last_step = step
         model = pl_module.ema.module
         n = self.num_samples
         values = default_values(model, n) if len(model.conditioners) else None
-        samples = generate(model, pl_module.schedule, self.sampler, pl_module.prediction, self.data_shape,
-                           range(n), seed=self.seed, values=values, guidance=self.guidance,
-                           clip=self.clip, batch_size=self.batch_size, device=pl_module.device,
-                           sigma_data=pl_module.sigma_data)
+        indices = shard(n, trainer.global_rank, trainer.world_size)
+        part = generate(model, pl_module.schedule, self.sampler, pl_module.prediction, self.data_shape,
+                        indices, seed=self.seed, values=select(values, indices), guidance=self.guidance,
+                        clip=self.clip, batch_size=self.batch_size, device=pl_module.device,
+                        sigma_data=pl_module.sigma_data)
+        samples = gather(part, indices, n)
+        if not trainer.is_global_zero:
+            return None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        np.savez(self.out_dir / f"step_{step:07d}.npz", samples=samples.numpy())
         nrow = _classes(model) or None
         pic = picture(samples, nrow, self.data_range)
         if pic is None:

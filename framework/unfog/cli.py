@@ -7,8 +7,9 @@ component is a config-group option.
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,12 +75,63 @@ def _hydra(name: str, task: Callable[[Any], Any], overrides: list[str]) -> int:
 
     register_configs()
     saved = sys.argv
+    _SCRIPT[0] = saved[0] if saved else "unfog"
     sys.argv = [f"unfog {name}", *overrides]
     try:
         hydra.main(config_path=str(conf_dir()), config_name=name, version_base="1.3")(task)()
     finally:
         sys.argv = saved
     return 0
+
+
+_SCRIPT = ["unfog"]  # the path this process was started as, kept for relaunching DDP workers
+
+
+def _prepare_worker_launch(command: str) -> None:
+    """Make Lightning's DDP launcher start the other processes as *this job*.
+
+    Lightning re-runs ``sys.argv`` with ``hydra.run.dir=<HydraConfig run.dir>``. Under
+    ``-m`` that would start the whole sweep again in every worker (the known DDP + multirun
+    hang) and point it at the wrong folder, so the arguments become this job's own
+    overrides and the run folder this job's output folder.
+    """
+    import shutil
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict, read_write
+
+    hydra_cfg = HydraConfig.get()
+    script = _SCRIPT[0]
+    if not Path(script).is_file():
+        script = shutil.which("unfog") or script
+    sys.argv = [script, command, *hydra_cfg.overrides.task]
+    with read_write(hydra_cfg), open_dict(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+
+
+_DIST_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED")
+
+
+@contextlib.contextmanager
+def _distributed_job() -> Iterator[None]:
+    """Leave no distributed state behind a job, so the next job of a sweep starts its own
+    processes: Lightning's launcher sets LOCAL_RANK & co. in this process (which would make the
+    next job believe it is a worker and wait forever) and keeps the process group open."""
+    import os
+
+    saved = {k: os.environ.get(k) for k in _DIST_ENV}
+    try:
+        yield
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _fail(exc: Exception) -> None:
@@ -102,15 +154,33 @@ def _output_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
+def _sweep_names() -> dict[str, str] | None:
+    """Under ``-m``, the sweep (its folder name) and this job (number and overrides)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    from unfog.config import short_dirname
+
+    group = "_".join(Path(hc.sweep.dir).parts[-2:])  # multirun/train/DATE/TIME -> DATE_TIME
+    return {"group": group, "name": f"{hc.job.num}_{short_dirname(hc.job.override_dirname)}"}
+
+
 def _train_task(cfg: Any) -> float | None:
     from unfog.errors import UnfogError
     from unfog.run import train
 
+    _prepare_worker_launch("train")
     try:
-        result = train(cfg, _output_dir())
+        with _distributed_job():
+            result = train(cfg, _output_dir(), _sweep_names())
     except UnfogError as exc:
         _fail(exc)
         raise
+    if result.rank != 0:  # DDP workers: the launching process reports
+        return result.final_loss
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
     print(
         f"unfog: trained {result.steps} steps in {result.seconds:.0f} s (final loss {loss}). "

@@ -102,11 +102,27 @@ def register_configs() -> None:
 
     from unfog.schemas import register_static_schemas
 
+    OmegaConf.register_new_resolver("unfog_dirname", short_dirname, replace=True)
     cs = ConfigStore.instance()
     for kind in registry.KINDS:
         for entry in registry.entries(kind):
             cs.store(group=kind, name=entry.name, node=schema(entry), provider=entry.distribution or "unfog")
     register_static_schemas(cs)
+
+
+DIRNAME_MAX = 100
+
+
+def short_dirname(name: str, limit: int = DIRNAME_MAX) -> str:
+    """A sweep job's folder name from its overrides, cut to ``limit`` characters with a hash
+    of the whole when longer (file systems refuse names over 255 bytes)."""
+    import hashlib
+
+    name = name.replace("/", "_")
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    return f"{name[: limit - 9]}~{digest}"
 
 
 def plain(node: Any) -> Any:

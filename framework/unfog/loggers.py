@@ -52,8 +52,14 @@ def wandb_mode(offline: Any = "auto") -> str:
     return "online"
 
 
-def build_logger(node: Any, run_dir: Path, config: dict[str, Any] | None = None) -> Any:
-    """A Lightning logger from a ``logger`` config node (``None`` means no logger)."""
+def build_logger(node: Any, run_dir: Path, config: dict[str, Any] | None = None, run_id: str | None = None,
+                 resume: bool = False, sweep: dict[str, str] | None = None) -> Any:
+    """A Lightning logger from a ``logger`` config node (``None`` means no logger).
+
+    For wandb, ``run_id`` is the run's id (kept in checkpoints, so ``resume`` continues the
+    same run instead of starting another), and a ``sweep``'s ``group`` and ``name`` group its
+    jobs unless the config sets them.
+    """
     if node is None:
         return False
     kwargs = dict(node)
@@ -63,8 +69,11 @@ def build_logger(node: Any, run_dir: Path, config: dict[str, Any] | None = None)
 
         mode = wandb_mode(kwargs.pop("offline", "auto"))
         os.environ.setdefault("WANDB_SILENT", "true")
-        logger = WandbLogger(save_dir=str(run_dir), mode=mode, config=config, **_drop_none(kwargs))
-        return logger
+        for key, value in (sweep or {}).items():
+            if kwargs.get(key) is None:
+                kwargs[key] = value
+        extra = {"id": run_id, "resume": "allow" if resume else None}
+        return WandbLogger(save_dir=str(run_dir), mode=mode, config=config, **_drop_none({**kwargs, **extra}))
     if name == "csv":
         from lightning.pytorch.loggers import CSVLogger
 

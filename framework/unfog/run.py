@@ -131,10 +131,15 @@ class TrainResult:
     steps: int
     seconds: float
     final_loss: float | None
+    rank: int = 0
 
 
-def train(cfg: Mapping[str, Any], run_dir: Path) -> TrainResult:
-    """Train the composed config, writing checkpoints, samples and logs into ``run_dir``."""
+def train(cfg: Mapping[str, Any], run_dir: Path, sweep: Mapping[str, str] | None = None) -> TrainResult:
+    """Train the composed config, writing checkpoints, samples and logs into ``run_dir``.
+
+    ``sweep`` names the sweep (``group``) and this job (``name``) for the logger. Resuming
+    from ``ckpt_path`` continues the logger run recorded in that checkpoint.
+    """
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
@@ -169,7 +174,10 @@ def train(cfg: Mapping[str, Any], run_dir: Path) -> TrainResult:
         offset_noise=loss["offset_noise"], sigma_data=cfg.get("sigma_data"), seed=cfg["seed"], meta=meta,
     )
     loader = train_loader(dataset, cfg["data"]["batch_size"], cfg["data"]["num_workers"], cfg["seed"], module)
-    logger = build_logger(plain(cfg.get("logger")), run_dir, config={**resolved, "versions": meta["versions"]})
+    run_id = _previous_run_id(cfg["ckpt_path"]) or _new_run_id()
+    meta["run_id"] = run_id
+    logger = build_logger(plain(cfg.get("logger")), run_dir, config={**resolved, "versions": meta["versions"]},
+                          run_id=run_id, resume=bool(cfg["ckpt_path"]), sweep=sweep)
     ckpt_dir = run_dir / "checkpoints"
     grid = SampleGrid(sampler, run_dir / "samples", tuple(dataset.data_shape), dataset.data_range,
                       smp["every_n_steps"], smp["num_samples"], smp["seed"], smp["guidance"], smp["clip"],
@@ -193,7 +201,7 @@ def train(cfg: Mapping[str, Any], run_dir: Path) -> TrainResult:
     if logger and hasattr(logger, "experiment") and _is_wandb(logger):
         logger.experiment.finish()
     return TrainResult(run_dir, last, grid.last_path, trainer.global_step, seconds,
-                       float(loss) if loss is not None else None)
+                       float(loss) if loss is not None else None, trainer.global_rank)
 
 
 def train_loader(dataset: Any, batch_size: int, num_workers: int, seed: int, module: Any) -> Any:
@@ -211,6 +219,20 @@ def train_loader(dataset: Any, batch_size: int, num_workers: int, seed: int, mod
     sampler = ResumableSampler(len(dataset), batch_size, seed, position)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       persistent_workers=num_workers > 0)
+
+
+def _new_run_id() -> str:
+    import secrets
+
+    return secrets.token_hex(4)
+
+
+def _previous_run_id(ckpt_path: str | None) -> str | None:
+    """The logger run id a checkpoint was written under (None for a fresh run)."""
+    if not ckpt_path:
+        return None
+    meta = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("unfog") or {}
+    return meta.get("run_id")
 
 
 def _is_wandb(logger: Any) -> bool:

@@ -68,3 +68,34 @@ def generate(
     finally:
         model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, *data_shape)
+
+
+def shard(n: int, rank: int, world: int) -> list[int]:
+    """The sample indices process ``rank`` of ``world`` draws out of ``n``: rank, rank + world, …"""
+    return list(range(rank, n, world))
+
+
+def select(values: Mapping[str, Any] | None, indices: Sequence[int]) -> dict[str, Any] | None:
+    """The rows ``indices`` of per-sample conditioning ``values``."""
+    if values is None:
+        return None
+    idx = torch.as_tensor(list(indices), dtype=torch.long)
+    return {k: torch.as_tensor(v)[idx] for k, v in values.items()}
+
+
+def gather(part: Tensor, indices: Sequence[int], n: int) -> Tensor:
+    """All ``n`` samples, from each process's ``part`` (its ``indices``), on every process.
+
+    Without an initialized process group this is ``part`` itself (which must then be all of them).
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if len(part) != n:
+            raise ValueError(f"gather: one process holds {len(part)} of {n} samples and there is no process group.")
+        return part
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (list(indices), part.cpu()))
+    out = torch.empty(n, *part.shape[1:], dtype=part.dtype)
+    for idx, p in parts:
+        out[torch.as_tensor(idx, dtype=torch.long)] = p
+    return out

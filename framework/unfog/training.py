@@ -34,6 +34,9 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 # A resumed run writes into its own run folder; Lightning notes that the old folder is not reused.
 warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
+# DDP notes that the gradient of a 1×1 convolution came back in channels-last strides; harmless
+# ("not an error"), and the copy it costs is for those small weights only.
+warnings.filterwarnings("ignore", message=r"Grad strides do not match bucket view strides")
 
 
 class EMA(nn.Module):
