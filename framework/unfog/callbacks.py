@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from unfog.images import picture, save_png
@@ -94,3 +95,32 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         torch.save(checkpoint, tmp)
         os.replace(tmp, path)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """One bar for the whole run, counted in optimizer steps up to ``trainer.max_steps``, so
+    its ETA is the time to the end of training (Lightning's own bar restarts every epoch).
+    A resumed run starts the bar at the restored step."""
+
+    def on_train_start(self, trainer: L.Trainer, *_: Any) -> None:
+        self.train_progress_bar = self.init_train_tqdm()
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        self.train_progress_bar.reset(total=total)
+        self.train_progress_bar.initial = trainer.global_step
+        self.train_progress_bar.n = trainer.global_step
+        self.train_progress_bar.set_description("train")
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        pass
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        bar = self.train_progress_bar
+        n = trainer.global_step
+        if bar is not None and self._should_update(n, bar.total or n + 1):
+            bar.n = n
+            bar.refresh()
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if not self.train_progress_bar.disable:
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))

@@ -179,14 +179,19 @@ def _train_task(cfg: Any) -> float | None:
     except UnfogError as exc:
         _fail(exc)
         raise
+    try:
+        value = result.objective(cfg.objective)
+    except UnfogError as exc:
+        _fail(exc)
+        raise
     if result.rank != 0:  # DDP workers: the launching process reports
-        return result.final_loss
+        return value
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
     print(
         f"unfog: trained {result.steps} steps in {result.seconds:.0f} s (final loss {loss}). "
         f"checkpoint: {result.checkpoint} | samples: {result.samples or 'none'} | logs: {result.run_dir}"
     )
-    return result.final_loss
+    return value
 
 
 def _sample_task(cfg: Any) -> None:

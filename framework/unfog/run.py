@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +132,15 @@ class TrainResult:
     seconds: float
     final_loss: float | None
     rank: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def objective(self, name: str) -> float:
+        """The final value of the logged metric ``name`` (what a sweeper optimizes)."""
+        if name not in self.metrics:
+            raise ConfigError(
+                f"objective={name} was not logged by this run; logged metrics: {sorted(self.metrics) or 'none'}."
+            )
+        return self.metrics[name]
 
 
 def train(cfg: Mapping[str, Any], run_dir: Path, sweep: Mapping[str, str] | None = None) -> TrainResult:
@@ -143,7 +152,7 @@ def train(cfg: Mapping[str, Any], run_dir: Path, sweep: Mapping[str, str] | None
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    from unfog.callbacks import AtomicCheckpointIO, SampleGrid
+    from unfog.callbacks import AtomicCheckpointIO, SampleGrid, StepProgressBar
     from unfog.loggers import build_logger
     from unfog.training import DiffusionModule
 
@@ -189,7 +198,13 @@ def train(cfg: Mapping[str, Any], run_dir: Path, sweep: Mapping[str, str] | None
     ]
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
-    trainer = L.Trainer(**dict(plain(cfg["trainer"])), logger=logger, callbacks=callbacks,
+    if cfg["trainer"].get("enable_progress_bar", True) is not False:
+        callbacks.append(StepProgressBar(refresh_rate=max(1, int(cfg["trainer"].get("log_every_n_steps") or 1))))
+    trainer_kwargs = dict(plain(cfg["trainer"]))
+    compile_with = trainer_kwargs.pop("compile", False)
+    if compile_with:  # in place: the state dict keeps its keys, so checkpoints stay portable
+        model.backbone.compile(**({"backend": compile_with} if isinstance(compile_with, str) else {}))
+    trainer = L.Trainer(**trainer_kwargs, logger=logger, callbacks=callbacks,
                         plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir),
                         use_distributed_sampler=False)  # ResumableSampler shards the data itself
     start = time.perf_counter()
@@ -200,8 +215,9 @@ def train(cfg: Mapping[str, Any], run_dir: Path, sweep: Mapping[str, str] | None
     loss = trainer.callback_metrics.get("train/loss")
     if logger and hasattr(logger, "experiment") and _is_wandb(logger):
         logger.experiment.finish()
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     return TrainResult(run_dir, last, grid.last_path, trainer.global_step, seconds,
-                       float(loss) if loss is not None else None, trainer.global_rank)
+                       float(loss) if loss is not None else None, trainer.global_rank, metrics)
 
 
 def train_loader(dataset: Any, batch_size: int, num_workers: int, seed: int, module: Any) -> Any:
@@ -289,7 +305,8 @@ def sample(cfg: Mapping[str, Any], out_dir: Path) -> SampleResult:
     clip = tuple(wiring["data_range"]) if cfg["clip"] and wiring["data_range"] else None
     samples = generate(model, schedule, sampler, meta["config"]["prediction"], wiring["data_shape"], range(n),
                        seed=cfg["seed"], values=values, guidance=cfg["guidance"], clip=clip,
-                       batch_size=cfg["batch_size"], device=device, sigma_data=meta["config"].get("sigma_data"))
+                       batch_size=cfg["batch_size"], device=device, sigma_data=meta["config"].get("sigma_data"),
+                       progress=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     npz = out_dir / "samples.npz"
     arrays = {"samples": samples.numpy()} | ({"labels": labels.numpy()} if labels is not None else {})

@@ -43,13 +43,15 @@ def generate(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     sigma_data: float | None = None,
+    progress: bool = False,
 ) -> Tensor:
     """Samples number ``indices`` of a run seeded with ``seed``.
 
     Each sample's noise comes from its own stream (:class:`SeededNoise`), so sample k is the
     same whatever the batch size or the set of other indices drawn with it. ``values`` maps
     batch fields to per-sample conditioning values aligned with ``indices``; ``sigma_data``
-    is the model's σ_data when it predicts ``edm`` (None: the schedule's, else 0.5).
+    is the model's σ_data when it predicts ``edm`` (None: the schedule's, else 0.5). With
+    ``progress`` a bar with an ETA counts the samples drawn.
     """
     was_training = model.training
     model.eval()
@@ -57,6 +59,7 @@ def generate(
     indices = list(indices)
     # Noise at t = 1 is σ(1)·ε: 1 for variance-preserving paths, σ_max for variance-exploding ones.
     scale = float(schedule.sigma(torch.tensor([1.0], dtype=torch.float64))[0])
+    bar = _bar(len(indices)) if progress else None
     try:
         for start in range(0, len(indices), batch_size):
             idx = indices[start : start + batch_size]
@@ -65,9 +68,21 @@ def generate(
             batch_values = {k: torch.as_tensor(v)[start : start + len(idx)] for k, v in (values or {}).items()}
             denoiser = model.denoiser(schedule, prediction, batch_values, len(idx), guidance, clip, sigma_data)
             out.append(sampler.sample(denoiser, noise, rng).float().cpu())
+            if bar is not None:
+                bar.update(len(idx))
     finally:
         model.train(was_training)
+        if bar is not None:
+            bar.close()
     return torch.cat(out) if out else torch.empty(0, *data_shape)
+
+
+def _bar(total: int) -> Any:
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="sample", unit="sample", file=sys.stderr, dynamic_ncols=True, smoothing=0)
 
 
 def shard(n: int, rank: int, world: int) -> list[int]:

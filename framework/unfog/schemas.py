@@ -83,6 +83,7 @@ class TrainConfig:
     sigma_data: float | None = None
     seed: int = 0
     ckpt_path: str | None = None
+    objective: str = "train/loss"
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -120,6 +121,9 @@ def trainer_schema() -> type:
             continue
         default = p.default if _is_plain(p.default) else None
         fields.append((p.name, Any, dataclasses.field(default=default)))
+    # unfog's own switch: compile the backbone's forward with torch.compile (Module.compile):
+    # false, true (the default inductor backend) or a backend name such as "cudagraphs".
+    fields.append(("compile", Any, dataclasses.field(default=False)))
     return dataclasses.make_dataclass("trainer", fields)
 
 

@@ -66,3 +66,19 @@ def test_loss_options_are_checked_before_training(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="sigma_data must be positive"):
         train(_cfg("sigma_data=-1"), tmp_path / "c")
     assert not (tmp_path / "a").exists() or not any((tmp_path / "a").rglob("*.ckpt"))
+
+
+def test_compiled_backbone_trains_and_its_checkpoint_loads_uncompiled(tmp_path: Path) -> None:
+    from torch._dynamo.utils import counters
+
+    from unfog.run import load_checkpoint
+
+    counters.clear()
+    # "eager" runs TorchDynamo's capture without code generation: the real compile path, fast.
+    result = train(_cfg("experiment=toy2d", "backbone=mlp_toy", "trainer.max_steps=2", "trainer.compile=eager"),
+                   tmp_path)
+    assert counters["stats"]["unique_graphs"] > 0, "the backbone was not compiled"
+    state = torch.load(result.checkpoint, weights_only=True)["state_dict"]
+    assert not any("_orig_mod" in k for k in state), "compiling must not rename the weights"
+    model, _, _ = load_checkpoint(result.checkpoint)
+    assert model.backbone._compiled_call_impl is None  # loading for sampling does not compile
