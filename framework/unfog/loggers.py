@@ -77,11 +77,15 @@ def build_logger(node: Any, run_dir: Path, config: dict[str, Any] | None = None,
     if name == "csv":
         from lightning.pytorch.loggers import CSVLogger
 
-        return CSVLogger(save_dir=str(run_dir), name="csv", version="", **kwargs)
+        logger = CSVLogger(save_dir=str(run_dir), name="csv", version="", **kwargs)
+        logger.log_hyperparams(config or {})  # csv/hparams.yaml: the resolved config and versions
+        return logger
     if name == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        return TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", **kwargs)
+        logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", **kwargs)
+        logger.log_hyperparams(config or {})
+        return logger
     raise ConfigError(f"Unknown logger {name!r}; choose one of {', '.join(LOGGERS)} with logger=NAME.")
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from _cli import TINY, run
 
 
@@ -31,6 +32,9 @@ def test_train_writes_checkpoint_samples_logs_and_config(trained: Path) -> None:
     assert (trained / "samples" / "step_0000006.png").is_file()
     assert "train/loss" in (trained / "csv" / "metrics.csv").read_text()
     assert (trained / ".hydra" / "config.yaml").is_file()
+    hparams = yaml.safe_load((trained / "csv" / "hparams.yaml").read_text())  # config + versions in the logger
+    assert hparams["backbone"]["_name_"] == "unet" and hparams["versions"]["unfog"]
+    assert (trained / "samples" / "step_0000006.npz").is_file()
 
 
 def test_resume_continues_from_the_checkpoint(trained: Path, tmp_path: Path) -> None:
