@@ -201,6 +201,8 @@ def train(cfg: Mapping[str, Any], run_dir: Path, sweep: Mapping[str, str] | None
     if cfg["trainer"].get("enable_progress_bar", True) is not False:
         callbacks.append(StepProgressBar(refresh_rate=max(1, int(cfg["trainer"].get("log_every_n_steps") or 1))))
     trainer_kwargs = dict(plain(cfg["trainer"]))
+    if trainer_kwargs.get("strategy") == "fsdp2":
+        trainer_kwargs["strategy"] = fsdp2_strategy(trainer_kwargs)
     compile_with = trainer_kwargs.pop("compile", False)
     if compile_with:  # in place: the state dict keeps its keys, so checkpoints stay portable
         model.backbone.compile(**({"backend": compile_with} if isinstance(compile_with, str) else {}))
@@ -218,6 +220,24 @@ def train(cfg: Mapping[str, Any], run_dir: Path, sweep: Mapping[str, str] | None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     return TrainResult(run_dir, last, grid.last_path, trainer.global_step, seconds,
                        float(loss) if loss is not None else None, trainer.global_rank, metrics)
+
+
+def fsdp2_strategy(trainer_kwargs: Mapping[str, Any]) -> Any:
+    """Fully sharded data parallel (FSDP2, ``fully_shard``) over all processes, through
+    Lightning's ModelParallelStrategy; the module shards itself in ``configure_model``.
+    Checkpoints are gathered into one file, so they load like any other."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    devices, nodes = trainer_kwargs.get("devices"), trainer_kwargs.get("num_nodes") or 1
+    if devices in ("auto", -1, "-1") and trainer_kwargs.get("accelerator") in ("gpu", "cuda", "auto"):
+        devices = torch.cuda.device_count() or None
+    if not isinstance(devices, int) or devices < 1:
+        raise ConfigError(
+            f"trainer.strategy=fsdp2 needs trainer.devices as a number of processes per node; got "
+            f"{trainer_kwargs.get('devices')!r} (on the CPU: trainer.accelerator=cpu trainer.devices=2)."
+        )
+    return ModelParallelStrategy(data_parallel_size=devices * nodes, tensor_parallel_size=1,
+                                 save_distributed_checkpoint=False)
 
 
 def train_loader(dataset: Any, batch_size: int, num_workers: int, seed: int, module: Any) -> Any:

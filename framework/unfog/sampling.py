@@ -86,8 +86,12 @@ def _bar(total: int) -> Any:
 
 
 def shard(n: int, rank: int, world: int) -> list[int]:
-    """The sample indices process ``rank`` of ``world`` draws out of ``n``: rank, rank + world, …"""
-    return list(range(rank, n, world))
+    """The sample indices process ``rank`` of ``world`` draws out of ``n``: rank, rank + world, …,
+    padded by repeating one index so every process draws ⌈n/world⌉ (sharded models need every
+    process to run the same number of forwards; a repeated sample is identical, so harmless)."""
+    own = list(range(rank, n, world))
+    size = -(-n // world) if n else 0
+    return own + [own[-1] if own else 0] * (size - len(own))
 
 
 def select(values: Mapping[str, Any] | None, indices: Sequence[int]) -> dict[str, Any] | None:

@@ -64,12 +64,17 @@ class EMA(nn.Module):
         """Move the average towards ``model``'s current parameters."""
         n = int(self.updates)
         decay = min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
-        ema_p = [p for p in self.module.parameters()]
-        src_p = [p.detach() for p in model.parameters()]
+        ema_p = [_local(p) for p in self.module.parameters()]
+        src_p = [_local(p.detach()) for p in model.parameters()]
         torch._foreach_lerp_(ema_p, src_p, 1.0 - decay)
         for b_ema, b in zip(self.module.buffers(), model.buffers()):
             b_ema.copy_(b)
         self.updates += 1
+
+
+def _local(t: Tensor) -> Tensor:
+    """This process's shard of a sharded (DTensor) parameter, or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class DiffusionModule(L.LightningModule):
@@ -170,6 +175,22 @@ class DiffusionModule(L.LightningModule):
             )
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
+
+    def configure_model(self) -> None:
+        """Under ``trainer.strategy=fsdp2`` shard the model and its EMA copy the same way
+        (FSDP2 ``fully_shard`` over the data-parallel mesh), so each process keeps and
+        averages only its own shard of both."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        mesh = getattr(strategy, "device_mesh", None)
+        if mesh is None or getattr(self, "_sharded", False):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        for model in (self.model, self.ema.module):
+            # one unit per part that is called on its own (conditioners run before the backbone)
+            for part in (*model.conditioners.values(), model.backbone):
+                fully_shard(part, mesh=mesh["data_parallel"])
+        self._sharded = True
 
     def on_train_start(self) -> None:
         self._ema_step = self.global_step

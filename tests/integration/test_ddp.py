@@ -1,4 +1,4 @@
-"""Two CPU processes with DDP (gloo): train, draw the sample grid, checkpoint, resume, sweep."""
+"""Two CPU processes with DDP and FSDP2 (gloo): train, draw the sample grid, checkpoint, resume, sweep."""
 
 from __future__ import annotations
 
@@ -47,6 +47,19 @@ def test_ddp_trains_draws_the_same_grid_as_one_process_and_resumes_exactly(tmp_p
     assert a["global_step"] == b["global_step"] == 6
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
+
+    # FSDP2 shards the model and its EMA copy; it computes what DDP computes, and resumes.
+    sharded = _train(tmp_path, "fsdp", "trainer.strategy=fsdp2", "trainer.max_steps=4")
+    sharded_resumed = _train(tmp_path, "fsdp_resumed", "trainer.strategy=fsdp2", "trainer.max_steps=6",
+                             f"ckpt_path={sharded / 'checkpoints' / 'last.ckpt'}")
+    for fsdp_run, ddp_ckpt in ((sharded, ckpt), (sharded_resumed, a)):
+        c = torch.load(fsdp_run / "checkpoints" / "last.ckpt", weights_only=True)
+        assert c["global_step"] == ddp_ckpt["global_step"]
+        assert c["state_dict"].keys() == ddp_ckpt["state_dict"].keys()
+        for key, value in ddp_ckpt["state_dict"].items():  # weights and EMA weights, full tensors
+            torch.testing.assert_close(c["state_dict"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    fsdp_grid = np.load(sharded / "samples" / "step_0000004.npz")["samples"]
+    np.testing.assert_allclose(fsdp_grid, drawn, atol=1e-4, rtol=0)
 
 
 def test_ddp_inside_a_sweep_runs_each_job_once(tmp_path: Path) -> None:

@@ -41,3 +41,12 @@ def test_seeds_differ_by_batch_and_rank_and_repeat():
 def test_bad_sizes_refused():
     with pytest.raises(ValueError, match="size"):
         ResumableSampler(0, 4)
+
+
+@pytest.mark.parametrize(("n", "world"), [(10, 2), (10, 3), (1, 2), (5, 4)])
+def test_sample_shards_cover_everything_with_equal_lengths(n, world):
+    from unfog.sampling import shard
+
+    shards = [shard(n, r, world) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1, "every process must run the same number of forwards"
+    assert sorted({i for s in shards for i in s}) == list(range(n))
