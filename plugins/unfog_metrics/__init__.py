@@ -1,8 +1,8 @@
 """First-party metrics; importing this package registers them.
 
-Heavy optional libraries (scikit-learn) are imported only when a metric is built.
+Heavy optional libraries (scikit-learn, scipy) are imported only when a metric is built or used.
 """
 
-from unfog_metrics import digits_classifier
+from unfog_metrics import digits_classifier, shapes_checker
 
-__all__ = ["digits_classifier"]
+__all__ = ["digits_classifier", "shapes_checker"]

@@ -59,8 +59,16 @@ def _digits_inputs(self: Any) -> dict[str, Any]:
     return {"generated": x[:60], "labels": y[:60]}
 
 
+def _shapes_inputs(self: Any) -> dict[str, Any]:
+    from torch.utils.data import DataLoader
+
+    batch = next(iter(DataLoader(unfog.create("dataset", "shapes", max_objects=2), batch_size=12)))
+    return {"generated": batch["x"], "captions": batch["caption"]}
+
+
 EXTRA: dict[tuple[str, str], dict[str, Any]] = {
     ("metric", "digits_classifier"): {"inputs": _digits_inputs},
+    ("metric", "shapes_checker"): {"inputs": _shapes_inputs},
     ("conditioner", "class_label"): {"values": torch.tensor([0, 2, 1, 1])},
 }
 
