@@ -15,9 +15,13 @@ from unfog.protocols import Sampler, Schedule
 
 
 def default_values(model: DiffusionModel, n: int) -> dict[str, Tensor]:
-    """Conditioning values for ``n`` samples when none are given: labels cycle 0, 1, ..., K−1."""
+    """Conditioning values for ``n`` samples when none are given: labels cycle 0, 1, ..., K−1;
+    a conditioner with ``grid_values(n)`` (e.g. ``scalar``) gives its own spread of values."""
     values: dict[str, Tensor] = {}
     for name, c in model.conditioners.items():
+        if hasattr(c, "grid_values"):
+            values[c.field] = c.grid_values(n)
+            continue
         k = getattr(c, "num_classes", None)
         if k is None:
             raise ConfigError(

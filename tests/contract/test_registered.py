@@ -70,6 +70,7 @@ EXTRA: dict[tuple[str, str], dict[str, Any]] = {
     ("metric", "digits_classifier"): {"inputs": _digits_inputs},
     ("metric", "shapes_checker"): {"inputs": _shapes_inputs},
     ("conditioner", "class_label"): {"values": torch.tensor([0, 2, 1, 1])},
+    ("conditioner", "scalar"): {"values": torch.tensor([0.1, 0.5, float("nan"), 2.0])},
 }
 
 
