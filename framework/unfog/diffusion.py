@@ -174,9 +174,8 @@ def x0_weight(prediction: str, alpha: Tensor, sigma: Tensor, d_alpha: Tensor | N
     if prediction == "v":
         return ((alpha * alpha + sigma * sigma) / sigma) ** 2
     if prediction == "flow":
-        if d_alpha is None or d_sigma is None:
-            raise ValueError("the flow target needs dα/dt and dσ/dt; pass d_alpha and d_sigma")
-        return ((alpha * d_sigma - sigma * d_alpha) / sigma) ** 2
+        da, ds = _require(d_alpha, d_sigma, alpha)
+        return ((alpha * ds - sigma * da) / sigma) ** 2
     if prediction == "edm":
         return (sigma * sigma + alpha * alpha * sigma_data**2) / (sigma * sigma_data) ** 2
     check_prediction(prediction)

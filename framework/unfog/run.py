@@ -250,7 +250,7 @@ def train_loader(dataset: Any, batch_size: int, num_workers: int, seed: int, mod
     def position() -> tuple[int, int, int]:
         trainer = module._trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return int(module.batches_seen), rank, world
+        return module.batches_trained, rank, world
 
     sampler = ResumableSampler(len(dataset), batch_size, seed, position)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
@@ -267,7 +267,8 @@ def _previous_run_id(ckpt_path: str | None) -> str | None:
     """The logger run id a checkpoint was written under (None for a fresh run)."""
     if not ckpt_path:
         return None
-    meta = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("unfog") or {}
+    # mmap: only the small metadata is read here; Lightning loads the weights itself
+    meta = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("unfog") or {}
     return meta.get("run_id")
 
 

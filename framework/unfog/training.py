@@ -39,6 +39,16 @@ warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
 warnings.filterwarnings("ignore", message=r"Grad strides do not match bucket view strides")
 
 
+def count_in_state_dict(module: nn.Module, name: str) -> None:
+    """Keep a counter as the Python int ``module._<name>`` while training (reading a GPU
+    buffer every step would make the host wait for the device) and as the buffer ``name``
+    in the state dict: written when the state dict is taken, read back when one is loaded."""
+    module.register_buffer(name, torch.zeros((), dtype=torch.long))
+    setattr(module, f"_{name}", 0)
+    module.register_state_dict_pre_hook(lambda m, prefix, keep_vars: getattr(m, name).fill_(getattr(m, f"_{name}")))
+    module.register_load_state_dict_post_hook(lambda m, keys: setattr(m, f"_{name}", int(getattr(m, name))))
+
+
 class EMA(nn.Module):
     """An exponential moving average of a model's parameters (copied buffers).
 
@@ -51,7 +61,7 @@ class EMA(nn.Module):
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay
         self.warmup = warmup
-        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        count_in_state_dict(self, "updates")
 
     def train(self, mode: bool = True) -> EMA:
         """The averaged copy always stays in eval mode."""
@@ -62,14 +72,14 @@ class EMA(nn.Module):
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Move the average towards ``model``'s current parameters."""
-        n = int(self.updates)
+        n = self._updates
         decay = min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
         ema_p = [_local(p) for p in self.module.parameters()]
         src_p = [_local(p.detach()) for p in model.parameters()]
         torch._foreach_lerp_(ema_p, src_p, 1.0 - decay)
         for b_ema, b in zip(self.module.buffers(), model.buffers()):
             b_ema.copy_(b)
-        self.updates += 1
+        self._updates += 1
 
 
 def _local(t: Tensor) -> Tensor:
@@ -126,7 +136,7 @@ class DiffusionModule(L.LightningModule):
         self.loss_weighting, self.min_snr_gamma, self.offset_noise = loss_weighting, min_snr_gamma, offset_noise
         self.sigma_data = sigma_data_of(schedule, sigma_data)
         self.seed = seed
-        self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
+        count_in_state_dict(self, "batches_seen")
         self.meta = meta or {}
         self._ema_step = -1
 
@@ -161,12 +171,17 @@ class DiffusionModule(L.LightningModule):
                                                         device=x0.device, dtype=x0.dtype)
         return eps
 
+    @property
+    def batches_trained(self) -> int:
+        """Batches trained so far on this process (restored with a checkpoint)."""
+        return self._batches_seen
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        torch.manual_seed(step_seed(self.seed, int(self.batches_seen), self.global_rank))
+        torch.manual_seed(step_seed(self.seed, self.batches_trained, self.global_rank))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = self.loss(batch)
-        self.batches_seen += 1
+        self._batches_seen += 1
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"The training loss became {loss.item()} at step {self.global_step}. Nothing was saved "

@@ -45,7 +45,8 @@ class Scalar(nn.Module):
             raise ConfigError(f"scalar: dropout must lie in [0, 1); got {dropout}.")
         self.field, self.low, self.high = field, float(low), float(high)
         self.dim, self.dropout = dim, dropout
-        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(frequencies, dtype=torch.float32))
+        freqs = math.pi * 2.0 ** torch.arange(frequencies, dtype=torch.float32)
+        self.register_buffer("freqs", freqs, persistent=False)  # follows from the config
         self.mlp = nn.Sequential(nn.Linear(1 + 2 * frequencies, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.null = nn.Parameter(torch.zeros(dim))
 

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from unfog import register
-from unfog.protocols import DenoiserFn, NoiseSource
-from unfog.timesteps import Spacing, check_steps, sampler_steps
+from unfog.timesteps import Spacing, check_steps
+from unfog_samplers.ddim import DDIMSampler
 
 
 @register("sampler", "euler")
-class EulerSampler:
+class EulerSampler(DDIMSampler):
     """Euler's method for the probability-flow ODE, Algorithm 1 of Karras et al. (2022).
 
     In the variables x̃ = x/α and σ̃ = σ/α the ODE is dx̃/dσ̃ = ε̂ (Karras et al., Eq. 4 with
     s(t) = 1/α); one Euler step from t to s < t, x̃_s = x̃_t + (σ̃_s − σ̃_t)·ε̂, is written back
     in x without dividing by α_t as x_s = α_s·x̂₀ + σ_s·ε̂, so it also works where α_t = 0
-    (e.g. rectified flow at t = 1). It coincides with deterministic DDIM (η = 0) on the same
-    times. The last step, into t = 0, returns x̂₀. Deterministic: ``rng`` is not used.
+    (e.g. rectified flow at t = 1). That is exactly the update of deterministic DDIM (η = 0),
+    so this sampler is DDIM with η fixed at 0, under the name the ODE literature uses. The
+    last step, into t = 0, returns x̂₀. Deterministic: ``rng`` is not used.
 
     Args:
         steps: number of steps (one denoiser call each).
@@ -28,15 +27,4 @@ class EulerSampler:
 
     def __init__(self, steps: int = 50, spacing: Spacing | None = None) -> None:
         check_steps("euler", steps)
-        self.steps = steps
-        self.spacing = spacing
-
-    def sample(self, denoiser: DenoiserFn, noise: Tensor, rng: NoiseSource | None = None) -> Tensor:
-        """Denoise ``noise`` (at the first time, near t = 1) to data (at t = 0)."""
-        x = noise
-        for st in sampler_steps(denoiser.schedule, self.steps, self.spacing):
-            d = denoiser(x, st.t)
-            if st.final:
-                return d.x0
-            x = st.alpha_s * d.x0 + st.sigma_s * d.eps
-        return x
+        super().__init__(steps=steps, eta=0.0, spacing=spacing)
