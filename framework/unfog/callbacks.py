@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -14,17 +15,22 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from unfog.images import picture, save_png
 from unfog.loggers import log_picture
+from unfog.model import Guidance
 from unfog.protocols import Sampler
 from unfog.sampling import default_values, gather, generate, select, shard
 
 
 class SampleGrid(L.Callback):
     """Every ``every_n_steps`` optimizer steps and at the end, draws a fixed-seed grid with
-    the EMA weights, saves it as ``samples/step_NNNNNNN.png`` and logs it."""
+    the EMA weights, saves it as ``samples/step_NNNNNNN.png`` and logs it. Conditioners
+    without values of their own (captions, images to upscale) take them from ``examples``,
+    fixed rows of the training data."""
 
     def __init__(self, sampler: Sampler, out_dir: Path, data_shape: tuple[int, ...],
                  data_range: tuple[float, float] | None, every_n_steps: int = 1000, num_samples: int = 64,
-                 seed: int = 0, guidance: float = 1.0, clip: bool = True, batch_size: int = 256) -> None:
+                 seed: int = 0, guidance: Guidance = 1.0, clip: bool = True, batch_size: int = 256,
+                 guidance_rescale: float = 0.0, guidance_interval: Sequence[float] | None = None,
+                 examples: Mapping[str, Any] | None = None) -> None:
         self.sampler = sampler
         self.out_dir = Path(out_dir)
         self.data_shape = data_shape
@@ -33,6 +39,9 @@ class SampleGrid(L.Callback):
         self.num_samples = num_samples
         self.seed = seed
         self.guidance = guidance
+        self.guidance_rescale = guidance_rescale
+        self.guidance_interval = guidance_interval
+        self.examples = examples
         self.clip = data_range if clip else None
         self.batch_size = batch_size
         self.last_step = -1
@@ -56,12 +65,13 @@ class SampleGrid(L.Callback):
         self.last_step = step
         model = pl_module.ema.module
         n = self.num_samples
-        values = default_values(model, n) if len(model.conditioners) else None
+        values = default_values(model, n, self.examples) if len(model.conditioners) else None
         indices = shard(n, trainer.global_rank, trainer.world_size)
         part = generate(model, pl_module.schedule, self.sampler, pl_module.prediction, self.data_shape,
                         indices, seed=self.seed, values=select(values, indices), guidance=self.guidance,
                         clip=self.clip, batch_size=self.batch_size, device=pl_module.device,
-                        sigma_data=pl_module.sigma_data)
+                        sigma_data=pl_module.sigma_data, guidance_rescale=self.guidance_rescale,
+                        guidance_interval=self.guidance_interval)
         samples = gather(part, indices, n)
         if not trainer.is_global_zero:
             return None

@@ -23,7 +23,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from unfog import registry
 from unfog.errors import ConfigError
 
-WIRED: frozenset[str] = frozenset({"data_shape", "cond_dim", "num_classes"})
+WIRED: frozenset[str] = frozenset({"data_shape", "cond_dim", "context_dim", "cond_channels", "num_classes"})
 NAME_KEY = "_name_"
 
 
@@ -106,8 +106,17 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     for kind in registry.KINDS:
         for entry in registry.entries(kind):
-            cs.store(group=kind, name=entry.name, node=schema(entry), provider=entry.distribution or "unfog")
+            cs.store(group=kind, name=entry.name, node=schema(entry), package=package_of(kind, entry.name),
+                     provider=entry.distribution or "unfog")
     register_static_schemas(cs)
+
+
+def package_of(kind: str, name: str) -> str | None:
+    """Where a chosen option lands in the composed config. A model takes any number of
+    conditioners, so ``conditioner=text`` fills ``conditioners.text`` and
+    ``conditioner=[text,scalar]`` fills both; ``+conditioner@conditioners.KEY=NAME`` adds one
+    under a key of the user's choosing (two of the same kind, for example)."""
+    return f"conditioners.{name}" if kind == "conditioner" else None
 
 
 DIRNAME_MAX = 100

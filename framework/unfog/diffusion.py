@@ -9,7 +9,7 @@ any schedule and any target.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -315,10 +315,23 @@ Model = Callable[[Tensor, Tensor, Cond], Tensor]
 class Denoiser:
     """Backbone + prediction conversion + classifier-free guidance, in the form samplers use.
 
-    ``denoiser(x, t)`` returns :class:`Denoised` (x₀, ε) estimates. With ``guidance`` g ≠ 1
-    the conditional and unconditional outputs come from one batched forward and are mixed
-    as u + g·(c − u) (Ho & Salimans 2022, Eq. 6, with g = 1 + w). With ``clip`` set to a
-    value range, x₀ is clipped to it and ε recomputed to match (Ho et al. 2020, Sec. 3.3).
+    ``denoiser(x, t)`` returns :class:`Denoised` (x₀, ε) estimates.
+
+    Guidance (Ho & Salimans 2022, Eq. 6, with g = 1 + w). With one ``uncond`` and a scale g
+    the output is u + g·(c − u). For several conditioners guided with their own scales,
+    ``uncond`` is a list of *levels* from least to most conditioned (the last level is
+    ``cond``) and ``guidance`` one scale per step between levels:
+    out = o₀ + Σₖ gₖ·(oₖ − oₖ₋₁), the nested form InstructPix2Pix uses for an image and a text
+    (Brooks et al. 2023, Eq. 3); with equal scales it is plain guidance between the first and
+    last level. Every level is evaluated in one batched forward.
+
+    ``rescale`` φ > 0 rescales the guided output to the standard deviation of the
+    conditional one and mixes: φ·out·std(c)/std(out) + (1 − φ)·out (Lin et al. 2024,
+    Sec. 3.4, Eqs. 15–16), applied like theirs to the network's output. ``interval``
+    (σ_lo, σ_hi) guides only where the noise level σ/α lies in (σ_lo, σ_hi] and uses the
+    conditional output elsewhere, skipping the other levels' forwards when no row needs
+    them (Kynkäänniemi et al. 2024). With ``clip`` set to a value range, x₀ is clipped to it
+    and ε recomputed to match (Ho et al. 2020, Sec. 3.3).
     """
 
     def __init__(
@@ -327,23 +340,42 @@ class Denoiser:
         schedule: Schedule,
         prediction: str = "eps",
         cond: Cond | None = None,
-        uncond: Cond | None = None,
-        guidance: float = 1.0,
+        uncond: Cond | Sequence[Cond] | None = None,
+        guidance: float | Sequence[float] = 1.0,
         clip: tuple[float, float] | None = None,
         sigma_data: float | None = None,
+        rescale: float = 0.0,
+        interval: tuple[float, float] | None = None,
     ) -> None:
         check_prediction(prediction)
-        if guidance != 1.0 and (not cond or uncond is None):
+        lower = [] if uncond is None else [uncond] if isinstance(uncond, Mapping) else list(uncond)
+        scales = [float(guidance)] if isinstance(guidance, (int, float)) else [float(g) for g in guidance]
+        if all(g == 1.0 for g in scales):
+            lower, scales = [], []
+        elif not cond or not lower:
             raise ConfigError(
                 f"guidance={guidance} needs a conditional model and conditioning values; "
                 "this model has no conditioner, so use guidance=1."
             )
+        elif len(scales) != len(lower):
+            raise ValueError(f"Denoiser: {len(scales)} guidance scales for {len(lower)} unconditional levels.")
+        if not 0.0 <= rescale <= 1.0:
+            raise ConfigError(f"guidance_rescale must lie in [0, 1]; got {rescale} (Lin et al. use 0.7).")
+        if interval is not None:
+            if len(interval) != 2 or not 0.0 <= float(interval[0]) < float(interval[1]):
+                raise ConfigError(
+                    f"guidance_interval must be [σ_lo, σ_hi] with 0 ≤ σ_lo < σ_hi (noise levels σ/α); got {interval}."
+                )
         self.model = model
         self.schedule = schedule
         self.prediction = prediction
         self.cond: Cond = cond or {}
-        self.uncond = uncond
-        self.guidance = float(guidance)
+        self.levels: list[Cond] = [*lower, self.cond]
+        self.scales = scales
+        self.uncond = lower[0] if lower else None
+        self.guidance = scales[0] if len(set(scales)) == 1 else scales
+        self.rescale = float(rescale)
+        self.interval = None if interval is None else (float(interval[0]), float(interval[1]))
         self.clip = clip
         self.sigma_data = sigma_data_of(schedule, sigma_data)
         self.nfe = 0
@@ -351,7 +383,8 @@ class Denoiser:
     def __call__(self, x: Tensor, t: Tensor | float) -> Denoised:
         t = _as_batch_time(t, x)
         alpha, sigma = self.schedule.alpha(t), self.schedule.sigma(t)
-        out = self._forward(*network_inputs(x, t, alpha, sigma, self.prediction, self.sigma_data))
+        net_x, net_t = network_inputs(x, t, alpha, sigma, self.prediction, self.sigma_data)
+        out = self._forward(net_x, net_t, self._guided_rows(alpha, sigma))
         self.nfe += 1
         derivs = derivatives(self.schedule, t) if needs_derivatives(self.prediction) else (None, None)
         d = to_denoised(out, x, alpha, sigma, self.prediction, *derivs, sigma_data=self.sigma_data)
@@ -360,13 +393,29 @@ class Denoiser:
         x0 = d.x0.clamp(*self.clip)
         return Denoised(x0, (x - expand(alpha, x) * x0) / expand(sigma, x))
 
-    def _forward(self, x: Tensor, t: Tensor) -> Tensor:
-        if self.guidance == 1.0:
+    def _guided_rows(self, alpha: Tensor, sigma: Tensor) -> Tensor | None:
+        """Which rows are guided (None: all of them)."""
+        if self.interval is None or not self.scales:
+            return None
+        level = sigma / alpha.clamp_min(1e-20)
+        return (level > self.interval[0]) & (level <= self.interval[1])
+
+    def _forward(self, x: Tensor, t: Tensor, rows: Tensor | None) -> Tensor:
+        if not self.scales or (rows is not None and not bool(rows.any())):
             return self.model(x, t, self.cond)
-        assert self.uncond is not None
-        both = {k: torch.cat([v, self.uncond[k]]) for k, v in self.cond.items()}
-        out_c, out_u = self.model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-        return out_u + self.guidance * (out_c - out_u)
+        k = len(self.levels)
+        stacked = {key: torch.cat([lv[key] for lv in self.levels]) for key in self.cond}
+        outs = self.model(torch.cat([x] * k), torch.cat([t] * k), stacked).chunk(k)
+        out = outs[0]
+        for g, prev, cur in zip(self.scales, outs[:-1], outs[1:]):
+            out = out + g * (cur - prev)
+        if self.rescale > 0:
+            dims = tuple(range(1, out.ndim))
+            ratio = outs[-1].std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True).clamp_min(1e-12)
+            out = out * (self.rescale * ratio + (1.0 - self.rescale))
+        if rows is not None:
+            out = torch.where(rows.reshape(-1, *([1] * (out.ndim - 1))), out, outs[-1])
+        return out
 
 
 def _as_batch_time(t: Tensor | float, x: Tensor) -> Tensor:

@@ -22,7 +22,22 @@ from unfog.model import DiffusionModel
 
 log = logging.getLogger("unfog")
 
-COMPONENT_KINDS = ("dataset", "backbone", "schedule", "sampler", "conditioner")
+COMPONENT_KINDS = ("dataset", "backbone", "schedule", "sampler")
+
+
+def conditioner_nodes(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The config nodes of a model's conditioners by key (``conditioners.KEY``); a checkpoint
+    written before several conditioners were possible has one under ``conditioner``."""
+    nodes = dict(cfg.get("conditioners") or {})
+    old = cfg.get("conditioner")
+    if old is not None and not nodes:
+        nodes[dict(plain(old))["_name_"]] = old
+    return {k: v for k, v in nodes.items() if v is not None}
+
+
+def route_of(entry: registry.Entry, node: Mapping[str, Any]) -> str:
+    """A conditioner's route: its ``route`` setting if it has one, else its class's."""
+    return str(dict(plain(node)).get("route") or getattr(entry.obj, "route", "?"))
 
 
 def validate(cfg: Mapping[str, Any]) -> dict[str, registry.Entry]:
@@ -40,17 +55,21 @@ def validate(cfg: Mapping[str, Any]) -> dict[str, registry.Entry]:
         raise ConfigError(f"loss.offset_noise must be at least 0; got {loss['offset_noise']} (0.1 is usual).")
     chosen = {kind: component_kwargs(kind, cfg[kind])[0] for kind in COMPONENT_KINDS if cfg.get(kind) is not None}
     backbone = chosen["backbone"].obj
-    cond = chosen.get("conditioner")
-    if cond is not None and getattr(cond.obj, "route", None) not in getattr(backbone, "routes", ()):
-        raise ConfigError(
-            f"conditioner {cond.name!r} routes to {getattr(cond.obj, 'route', '?')!r}, but backbone "
-            f"{chosen['backbone'].name!r} consumes only {list(getattr(backbone, 'routes', ()))}."
-        )
+    routes = list(getattr(backbone, "routes", ()))
+    for key, node in conditioner_nodes(cfg).items():
+        entry = chosen[f"conditioners.{key}"] = component_kwargs("conditioner", node)[0]
+        route = route_of(entry, node)
+        if route not in routes:
+            raise ConfigError(
+                f"conditioner {key!r} ({entry.name}) routes to {route!r}, but backbone "
+                f"{chosen['backbone'].name!r} consumes only {routes}"
+                + ("; give it route=vector if it has that setting." if "route" in dict(plain(node)) else ".")
+            )
     schedule = build("schedule", cfg["schedule"])
     check_schedule_and_prediction(schedule, cfg["prediction"])
     sigma_data_of(schedule, cfg.get("sigma_data"))
-    guidance = float(cfg["sampling"]["guidance"])
-    if guidance != 1.0 and cond is None:
+    guidance = plain(cfg["sampling"]["guidance"])
+    if guidance != 1.0 and not conditioner_nodes(cfg):
         raise ConfigError(
             f"sampling.guidance={guidance} needs a conditioner; set sampling.guidance=1 or add conditioner=NAME."
         )
@@ -85,27 +104,42 @@ def check_data(cfg: Mapping[str, Any], dataset: Any, chosen: Mapping[str, regist
             f"{chosen['dataset'].name!r} gives shape {tuple(dataset.data_shape)} (rank {rank}); "
             f"choose another backbone (`unfog list backbone`)."
         )
-    c = chosen.get("conditioner")
-    if c is None:
-        return
-    field = dict(plain(cfg["conditioner"])).get("field", "label")
-    if field not in dataset.fields:
-        raise ConfigError(
-            f"conditioner {c.name!r} reads the batch field {field!r}, but dataset "
-            f"{chosen['dataset'].name!r} provides only {list(dataset.fields)}; "
-            f"drop it with `~conditioner` or pick a dataset that has {field!r}."
-        )
+    import inspect
+
+    for key, node in conditioner_nodes(cfg).items():
+        c = chosen[f"conditioners.{key}"]
+        default = inspect.signature(c.obj).parameters.get("field")
+        field = dict(plain(node)).get("field", default.default if default else None)
+        if field not in dataset.fields:
+            raise ConfigError(
+                f"conditioner {key!r} ({c.name}) reads the batch field {field!r}, but dataset "
+                f"{chosen['dataset'].name!r} provides only {list(dataset.fields)}; set "
+                f"conditioners.{key}.field to one of those, drop it with `~conditioner`, or pick a "
+                f"dataset that has {field!r}."
+            )
 
 
 def build_model(cfg: Mapping[str, Any], data_shape: tuple[int, ...], num_classes: int | None) -> DiffusionModel:
     """The backbone and its conditioners, wired to the data and to each other."""
-    conditioners = {}
-    node = cfg.get("conditioner")
-    if node is not None:
-        c = build("conditioner", node, num_classes=num_classes)
-        conditioners[dict(plain(node))["_name_"]] = c
-    cond_dim = sum(c.dim for c in conditioners.values() if c.route == "vector")
-    backbone = build("backbone", cfg["backbone"], data_shape=tuple(data_shape), cond_dim=cond_dim)
+    conditioners = {
+        key: build("conditioner", node, num_classes=num_classes, data_shape=tuple(data_shape))
+        for key, node in conditioner_nodes(cfg).items()
+    }
+    by_route: dict[str, dict[str, int]] = {}
+    for key, c in conditioners.items():
+        by_route.setdefault(c.route, {})[key] = int(c.dim)
+    widths = set(by_route.get("tokens", {}).values())
+    if len(widths) > 1:
+        raise ConfigError(
+            f"token conditioners are joined along the sequence, so they need one width; got "
+            f"{by_route['tokens']}. Give them the same dim (or route one of them to vector)."
+        )
+    backbone = build(
+        "backbone", cfg["backbone"], data_shape=tuple(data_shape),
+        cond_dim=sum(by_route.get("vector", {}).values()),
+        context_dim=widths.pop() if widths else 0,
+        cond_channels=sum(by_route.get("concat", {}).values()),
+    )
     return DiffusionModel(backbone, conditioners)
 
 
@@ -154,6 +188,7 @@ def train(cfg: Mapping[str, Any], run_dir: Path, sweep: Mapping[str, str] | None
 
     from unfog.callbacks import AtomicCheckpointIO, SampleGrid, StepProgressBar
     from unfog.loggers import build_logger
+    from unfog.sampling import dataset_examples
     from unfog.training import DiffusionModule
 
     chosen = validate(cfg)
@@ -188,9 +223,11 @@ def train(cfg: Mapping[str, Any], run_dir: Path, sweep: Mapping[str, str] | None
     logger = build_logger(plain(cfg.get("logger")), run_dir, config={**resolved, "versions": meta["versions"]},
                           run_id=run_id, resume=bool(cfg["ckpt_path"]), sweep=sweep)
     ckpt_dir = run_dir / "checkpoints"
+    model.guidance_plan(plain(smp["guidance"]))  # refuse bad scales before training, not at the first grid
     grid = SampleGrid(sampler, run_dir / "samples", tuple(dataset.data_shape), dataset.data_range,
-                      smp["every_n_steps"], smp["num_samples"], smp["seed"], smp["guidance"], smp["clip"],
-                      smp["batch_size"])
+                      smp["every_n_steps"], smp["num_samples"], smp["seed"], plain(smp["guidance"]), smp["clip"],
+                      smp["batch_size"], smp["guidance_rescale"], plain(smp["guidance_interval"]),
+                      examples=dataset_examples(dataset, smp["num_samples"], model.fields))
     callbacks: list[Any] = [
         ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                         every_n_train_steps=cfg["checkpoint"]["every_n_steps"]),
@@ -322,44 +359,122 @@ def sample(cfg: Mapping[str, Any], out_dir: Path) -> SampleResult:
     n = int(cfg["num_samples"])
     device = _device(cfg["device"])
     model.to(device)
-    values, labels = _sample_values(model, n, cfg.get("labels"))
+    values = sample_values(model, n, cfg)
+    guidance = plain(cfg["guidance"])
+    model.guidance_plan(guidance)  # a wrong conditioner name fails before any sampling
     clip = tuple(wiring["data_range"]) if cfg["clip"] and wiring["data_range"] else None
     samples = generate(model, schedule, sampler, meta["config"]["prediction"], wiring["data_shape"], range(n),
-                       seed=cfg["seed"], values=values, guidance=cfg["guidance"], clip=clip,
+                       seed=cfg["seed"], values=values, guidance=guidance, clip=clip,
                        batch_size=cfg["batch_size"], device=device, sigma_data=meta["config"].get("sigma_data"),
-                       progress=True)
+                       progress=True, guidance_rescale=cfg.get("guidance_rescale", 0.0),
+                       guidance_interval=plain(cfg.get("guidance_interval")))
+    labels, captions = _labels(model, values), _captions(model, values)
     out_dir.mkdir(parents=True, exist_ok=True)
     npz = out_dir / "samples.npz"
     arrays = {"samples": samples.numpy()} | ({"labels": labels.numpy()} if labels is not None else {})
+    arrays |= {"captions": np.array(captions)} if captions is not None else {}
     np.savez(npz, **arrays)
     pic = picture(samples, wiring["num_classes"] if labels is not None else None,
                   tuple(wiring["data_range"]) if wiring["data_range"] else None)
     grid = save_png(pic, out_dir / "samples.png") if pic is not None else None
+    if captions is not None:
+        (out_dir / "prompts.txt").write_text("".join(f"{k}\t{c}\n" for k, c in enumerate(captions)))
     metrics = None
     if metric is not None:
-        metric.update(generated=samples, labels=labels)
+        extra = {"captions": captions} if captions is not None and _accepts(metric.update, "captions") else {}
+        metric.update(generated=samples, labels=labels, **extra)
         metrics = metric.compute()
         record = {"metric": plain(cfg["metric"]), "result": metrics, "sampler": plain(cfg["sampler"]),
-                  "guidance": cfg["guidance"], "num_samples": n, "seed": cfg["seed"],
-                  "checkpoint": str(cfg["checkpoint"]), "unfog": unfog.__version__}
+                  "guidance": guidance, "guidance_rescale": cfg.get("guidance_rescale", 0.0),
+                  "guidance_interval": plain(cfg.get("guidance_interval")), "num_samples": n,
+                  "seed": cfg["seed"], "checkpoint": str(cfg["checkpoint"]), "unfog": unfog.__version__}
         (out_dir / "metrics.json").write_text(json.dumps(record, indent=2))
     return SampleResult(samples, labels, grid, npz, metrics)
 
 
-def _sample_values(model: DiffusionModel, n: int, labels: Any) -> tuple[dict[str, Any] | None, Any]:
+def is_text(conditioner: Any) -> bool:
+    """Whether a conditioner reads text (its null value is a list of strings)."""
+    null = conditioner.null_value(1)
+    return isinstance(null, (list, tuple)) and all(isinstance(v, str) for v in null)
+
+
+def sample_values(model: DiffusionModel, n: int, cfg: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Per-sample conditioning values for ``unfog sample``: ``labels`` for the class
+    conditioner, ``prompt``/``prompts`` for text conditioners, fields of a ``values`` .npz,
+    each cycled over the ``n`` samples; the rest as :func:`default_values` picks them."""
+    import numpy as np
+
+    from unfog.errors import DataError
     from unfog.sampling import default_values
 
+    given = {"labels": cfg.get("labels"), "prompt": cfg.get("prompt"), "prompts": cfg.get("prompts"),
+             "values": cfg.get("values")}
     if not len(model.conditioners):
-        if labels:
-            raise ConfigError("labels=... was given, but this model has no conditioner.")
-        return None, None
-    if labels:
-        field = next(iter(model.conditioners.values())).field
-        values = {field: torch.tensor(list(labels))[torch.arange(n) % len(labels)]}
-    else:
-        values = default_values(model, n)
-    first = next(iter(values.values()))
-    return values, first
+        used = [k for k, v in given.items() if v]
+        if used:
+            raise ConfigError(f"{', '.join(used)}=... was given, but this model has no conditioner.")
+        return None
+    values: dict[str, Any] = {}
+
+    def cycle(items: Any) -> Any:
+        idx = [k % len(items) for k in range(n)]
+        return [items[i] for i in idx] if isinstance(items, list) else torch.as_tensor(items)[idx]
+
+    if given["values"]:
+        path = Path(given["values"])
+        if not path.is_file():
+            raise ConfigError(f"values={path} does not exist; give an .npz whose arrays are batch fields.")
+        with np.load(path) as data:
+            values |= {k: cycle([str(v) for v in data[k]] if data[k].dtype.kind in "US" else data[k])
+                       for k in data.files}
+    if given["labels"]:
+        fields = [c.field for c in model.conditioners.values() if getattr(c, "num_classes", None)]
+        if not fields:
+            raise ConfigError(f"labels=... was given, but no conditioner of this model reads labels "
+                              f"(its conditioners: {list(model.conditioners)}).")
+        values[fields[0]] = cycle(torch.tensor(list(given["labels"])))
+    if given["prompt"] or given["prompts"]:
+        if given["prompt"] and given["prompts"]:
+            raise ConfigError("give prompt=TEXT or prompts=FILE, not both.")
+        fields = [c.field for c in model.conditioners.values() if is_text(c)]
+        if not fields:
+            raise ConfigError(f"prompt/prompts was given, but no conditioner of this model reads text "
+                              f"(its conditioners: {list(model.conditioners)}).")
+        if given["prompts"]:
+            path = Path(given["prompts"])
+            if not path.is_file():
+                raise ConfigError(f"prompts={path} does not exist; give a text file with one prompt per line.")
+            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            if not prompts:
+                raise DataError(f"prompts={path} holds no prompts; write one prompt per line.")
+        else:
+            prompts = [str(given["prompt"])]
+        values |= {f: cycle(prompts) for f in fields}
+    missing = {c.field for c in model.conditioners.values()} - set(values)
+    if missing:
+        picked = default_values(model, n)  # raises, naming the conditioner, when nothing fits
+        values |= {f: picked[f] for f in missing}
+    return values
+
+
+def _labels(model: DiffusionModel, values: Mapping[str, Any] | None) -> torch.Tensor | None:
+    for c in model.conditioners.values():
+        if getattr(c, "num_classes", None) and values and c.field in values:
+            return torch.as_tensor(values[c.field])
+    return None
+
+
+def _captions(model: DiffusionModel, values: Mapping[str, Any] | None) -> list[str] | None:
+    for c in model.conditioners.values():
+        if is_text(c) and values and c.field in values:
+            return list(values[c.field])
+    return None
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(fn).parameters
 
 
 def _device(name: str) -> torch.device:

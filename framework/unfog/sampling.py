@@ -10,25 +10,54 @@ from torch import Tensor
 
 from unfog.diffusion import SeededNoise
 from unfog.errors import ConfigError
-from unfog.model import DiffusionModel
+from unfog.model import DiffusionModel, Guidance
 from unfog.protocols import Sampler, Schedule
 
 
-def default_values(model: DiffusionModel, n: int) -> dict[str, Tensor]:
+def default_values(model: DiffusionModel, n: int, examples: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Conditioning values for ``n`` samples when none are given: labels cycle 0, 1, ..., K−1;
-    a conditioner with ``grid_values(n)`` (e.g. ``scalar``) gives its own spread of values."""
-    values: dict[str, Tensor] = {}
+    a conditioner with ``grid_values(n)`` (e.g. ``scalar``) gives its own spread of values;
+    any other (a caption, an image to upscale) takes its field from ``examples``, ``n`` rows
+    of real data (:func:`dataset_examples`)."""
+    values: dict[str, Any] = {}
     for name, c in model.conditioners.items():
-        if hasattr(c, "grid_values"):
-            values[c.field] = c.grid_values(n)
+        if c.field in values:
             continue
         k = getattr(c, "num_classes", None)
-        if k is None:
+        if hasattr(c, "grid_values"):
+            values[c.field] = c.grid_values(n)
+        elif k is not None:
+            values[c.field] = torch.arange(n) % k
+        elif examples is not None and c.field in examples:
+            values[c.field] = examples[c.field]
+        else:
             raise ConfigError(
                 f"conditioner {name!r} needs values for field {c.field!r} to sample; pass them explicitly."
             )
-        values[c.field] = torch.arange(n) % k
     return values
+
+
+def dataset_examples(dataset: Any, n: int, fields: Sequence[str]) -> dict[str, Any]:
+    """``fields`` of ``n`` dataset rows spread evenly over it (the same rows every time),
+    batched the way a DataLoader batches them."""
+    from torch.utils.data import default_collate
+
+    if not fields or n <= 0:
+        return {}
+    step = max(1, len(dataset) // n)
+    items = [dataset[(k * step) % len(dataset)] for k in range(n)]
+    return {f: default_collate([item[f] for item in items]) for f in fields if f in items[0]}
+
+
+def take(value: Any, index: slice | Sequence[int]) -> Any:
+    """Rows ``index`` of a batch field: a tensor or array, a list (of captions, say), or a
+    mapping of those (an image and its mask)."""
+    if isinstance(value, Mapping):
+        return {k: take(v, index) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return value[index] if isinstance(index, slice) else [value[int(i)] for i in index]
+    tensor = torch.as_tensor(value)
+    return tensor[index] if isinstance(index, slice) else tensor[torch.as_tensor(list(index), dtype=torch.long)]
 
 
 @torch.no_grad()
@@ -42,12 +71,14 @@ def generate(
     *,
     seed: int = 0,
     values: Mapping[str, Any] | None = None,
-    guidance: float = 1.0,
+    guidance: Guidance = 1.0,
     clip: tuple[float, float] | None = None,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     sigma_data: float | None = None,
     progress: bool = False,
+    guidance_rescale: float = 0.0,
+    guidance_interval: Sequence[float] | None = None,
 ) -> Tensor:
     """Samples number ``indices`` of a run seeded with ``seed``.
 
@@ -55,7 +86,9 @@ def generate(
     same whatever the batch size or the set of other indices drawn with it. ``values`` maps
     batch fields to per-sample conditioning values aligned with ``indices``; ``sigma_data``
     is the model's σ_data when it predicts ``edm`` (None: the schedule's, else 0.5). With
-    ``progress`` a bar with an ETA counts the samples drawn.
+    ``progress`` a bar with an ETA counts the samples drawn. ``guidance`` (one scale or one
+    per conditioner), ``guidance_rescale`` and ``guidance_interval`` are
+    :meth:`DiffusionModel.denoiser`'s.
     """
     was_training = model.training
     model.eval()
@@ -69,8 +102,9 @@ def generate(
             idx = indices[start : start + batch_size]
             rng = SeededNoise.for_indices(seed, idx)
             noise = scale * rng.randn_like(torch.empty(len(idx), *data_shape, device=device))
-            batch_values = {k: torch.as_tensor(v)[start : start + len(idx)] for k, v in (values or {}).items()}
-            denoiser = model.denoiser(schedule, prediction, batch_values, len(idx), guidance, clip, sigma_data)
+            batch_values = {k: take(v, slice(start, start + len(idx))) for k, v in (values or {}).items()}
+            denoiser = model.denoiser(schedule, prediction, batch_values, len(idx), guidance, clip, sigma_data,
+                                      guidance_rescale, guidance_interval)
             out.append(sampler.sample(denoiser, noise, rng).float().cpu())
             if bar is not None:
                 bar.update(len(idx))
@@ -102,8 +136,7 @@ def select(values: Mapping[str, Any] | None, indices: Sequence[int]) -> dict[str
     """The rows ``indices`` of per-sample conditioning ``values``."""
     if values is None:
         return None
-    idx = torch.as_tensor(list(indices), dtype=torch.long)
-    return {k: torch.as_tensor(v)[idx] for k, v in values.items()}
+    return {k: take(v, list(indices)) for k, v in values.items()}
 
 
 def gather(part: Tensor, indices: Sequence[int], n: int) -> Tensor:

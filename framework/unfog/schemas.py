@@ -47,7 +47,9 @@ class SamplingConfig:
     every_n_steps: int = 1000
     num_samples: int = 64
     seed: int = 0
-    guidance: float = 1.0
+    guidance: Any = 1.0  # one scale for every conditioner, or {conditioner: scale}
+    guidance_rescale: float = 0.0
+    guidance_interval: list[float] | None = None
     clip: bool = True
     batch_size: int = 256
 
@@ -76,7 +78,7 @@ class TrainConfig:
     backbone: Any = MISSING
     schedule: Any = MISSING
     sampler: Any = MISSING
-    conditioner: Any = None
+    conditioners: dict[str, Any] = field(default_factory=dict)  # key -> conditioner node
     trainer: Any = MISSING
     logger: Any = None
     prediction: str = "eps"
@@ -101,9 +103,14 @@ class SampleConfig:
     metric: Any = None
     num_samples: int = 64
     batch_size: int = 256
-    guidance: float = 1.0
+    guidance: Any = 1.0  # one scale for every conditioner, or {conditioner: scale}
+    guidance_rescale: float = 0.0  # φ of Lin et al. (2024), Sec. 3.4; 0.7 is theirs
+    guidance_interval: list[float] | None = None  # [σ_lo, σ_hi]: guide only there (Kynkäänniemi et al. 2024)
     seed: int = 0
     labels: list[int] | None = None
+    prompt: str | None = None  # for a text-conditioned model: one prompt for every sample
+    prompts: str | None = None  # a text file, one prompt per line, cycled over the samples
+    values: str | None = None  # an .npz of batch fields (e.g. x: images to upscale), cycled over the samples
     clip: bool = True
     device: str = "auto"
     output_dir: str | None = None

@@ -208,7 +208,8 @@ class BackboneContract(Contract):
 
 
 class ConditionerContract(Contract):
-    """Embeds n values as (n, dim) on a known route; dropped rows equal the null embedding."""
+    """Embeds n values on a known route — (n, dim) for ``vector``, (n, L, dim) for ``tokens``,
+    (n, dim, ...) for ``concat`` — and dropped rows equal the null embedding."""
 
     kind = "conditioner"
     values: ClassVar[Any] = None
@@ -219,7 +220,10 @@ class ConditionerContract(Contract):
         values = self.values if self.values is not None else c.null_value(4)
         n = len(values)
         out = c(values)
-        assert out.shape[0] == n and out.shape[-1] == c.dim
+        width = {"vector": out.shape[-1] if out.ndim == 2 else None,
+                 "tokens": out.shape[-1] if out.ndim == 3 else None,
+                 "concat": out.shape[1] if out.ndim >= 2 else None}[c.route]
+        assert out.shape[0] == n and width == c.dim, f"{c.route} output of shape {tuple(out.shape)}, dim {c.dim}"
         dropped = c(values, torch.ones(n, dtype=torch.bool))
         torch.testing.assert_close(dropped, c(c.null_value(n)))
 

@@ -1,9 +1,10 @@
-"""Pieces shared by the backbones: the sinusoidal time embedding and the vector-route check."""
+"""Pieces shared by the backbones: the sinusoidal time embedding and the checks of each
+conditioning route (vector, tokens, concat)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -72,3 +73,41 @@ def vector_condition(cond: Mapping[str, Tensor], cond_dim: int, component: str) 
             f"got {tuple(vec.shape)}. Make cond_dim equal the conditioners' total width."
         )
     return vec
+
+
+def token_condition(cond: Mapping[str, Tensor], context_dim: int, component: str) -> Tensor | None:
+    """The ``"tokens"`` conditioning (B, L, ``context_dim``) for cross-attention, checked;
+    ``None`` for a backbone built without cross-attention (``context_dim == 0``)."""
+    return _routed(cond, "tokens", context_dim, component, "context_dim", f"(B, L, {context_dim})",
+                   lambda v: v.shape[2] if v.ndim == 3 else None)
+
+
+def concat_condition(cond: Mapping[str, Tensor], x: Tensor, cond_channels: int, component: str) -> Tensor | None:
+    """The ``"concat"`` conditioning: ``cond_channels`` extra channels shaped like ``x`` but for
+    the channel count, checked; ``None`` for a backbone built without them."""
+    def width(v: Tensor) -> int | None:
+        same = v.ndim == x.ndim and v.shape[0] == x.shape[0] and v.shape[2:] == x.shape[2:]
+        return v.shape[1] if same else None
+
+    want = "(B, " + ", ".join(map(str, (cond_channels, *x.shape[2:]))) + ")"
+    return _routed(cond, "concat", cond_channels, component, "cond_channels", want, width)
+
+
+def _routed(cond: Mapping[str, Tensor], route: str, n: int, component: str, name: str, want: str,
+            width: Callable[[Tensor], int | None]) -> Tensor | None:
+    v = cond.get(route)
+    if n == 0:
+        if v is not None:
+            raise ConfigError(
+                f"{component}: got {route!r} conditioning of shape {tuple(v.shape)}, but the backbone was "
+                f"built without it ({name}=0). Build it with the conditioners' {route} width as {name}."
+            )
+        return None
+    if v is None:
+        raise ConfigError(
+            f"{component}: built with {name}={n}, so it needs {route!r} conditioning of shape {want}; "
+            f"cond has routes {sorted(cond)}."
+        )
+    if width(v) != n:
+        raise ConfigError(f"{component}: {route!r} conditioning must have shape {want}; got {tuple(v.shape)}.")
+    return v

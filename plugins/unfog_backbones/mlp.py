@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from unfog import register
 from unfog.errors import ConfigError
-from unfog_backbones.embeddings import sinusoidal_embedding, vector_condition
+from unfog_backbones.embeddings import concat_condition, sinusoidal_embedding, vector_condition
 
 
 class _Block(nn.Module):
@@ -34,7 +35,8 @@ class MLPBackbone(nn.Module):
 
     The sinusoidal embedding of 1000·t goes through a two-layer MLP; it (plus the projected
     ``"vector"`` conditioning, if any) is added inside every pre-norm residual block, and the
-    output layer starts at zero.
+    output layer starts at zero. ``"concat"`` conditioning (B, ``cond_channels``) is appended
+    to the input features.
 
     Args:
         hidden: width of the residual stream.
@@ -44,12 +46,13 @@ class MLPBackbone(nn.Module):
     """
 
     data_ranks: ClassVar[tuple[int, ...]] = (1,)
-    routes: ClassVar[tuple[str, ...]] = ("vector",)
+    routes: ClassVar[tuple[str, ...]] = ("vector", "concat")
 
     def __init__(
         self,
         data_shape: tuple[int, ...],
         cond_dim: int = 0,
+        cond_channels: int = 0,
         hidden: int = 256,
         depth: int = 4,
         time_dim: int = 128,
@@ -59,10 +62,11 @@ class MLPBackbone(nn.Module):
         _check(tuple(data_shape), cond_dim, hidden, depth, time_dim, dropout)
         self.data_shape = tuple(data_shape)
         self.cond_dim = cond_dim
+        self.cond_channels = cond_channels
         self.time_dim = time_dim
         self.time_mlp = nn.Sequential(nn.Linear(time_dim, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
         self.cond_proj = nn.Linear(cond_dim, time_dim) if cond_dim > 0 else None
-        self.inp = nn.Linear(data_shape[0], hidden)
+        self.inp = nn.Linear(data_shape[0] + cond_channels, hidden)
         self.blocks = nn.ModuleList(_Block(hidden, time_dim, dropout) for _ in range(depth))
         self.out_norm = nn.LayerNorm(hidden)
         self.out = nn.Linear(hidden, data_shape[0])
@@ -80,7 +84,8 @@ class MLPBackbone(nn.Module):
     def forward(self, x: Tensor, t: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
         """Output shaped like ``x`` (B, D) for times ``t`` (B,) in [0, 1]."""
         emb = self.embed(t, cond)
-        h = self.inp(x)
+        extra = concat_condition(cond, x, self.cond_channels, "mlp")
+        h = self.inp(x if extra is None else torch.cat([x, extra.to(x.dtype)], dim=1))
         for block in self.blocks:
             h = block(h, emb)
         return self.out(nn.functional.silu(self.out_norm(h)))

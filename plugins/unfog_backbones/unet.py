@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from unfog import register
 from unfog.errors import ConfigError
-from unfog_backbones.embeddings import sinusoidal_embedding, vector_condition
+from unfog_backbones.embeddings import concat_condition, sinusoidal_embedding, token_condition, vector_condition
 
 Resample = Literal["none", "up", "down"]
 
@@ -93,6 +93,30 @@ class AttentionBlock(nn.Module):
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, hgt, wid))
 
 
+class CrossAttentionBlock(nn.Module):
+    """Pixels attend to conditioning tokens: queries from the group-normed feature map, keys
+    and values from the tokens (Rombach et al. 2022, Sec. 3.3), residual, output zero-init so
+    a new block starts as the identity."""
+
+    def __init__(self, ch: int, context_dim: int, num_heads: int, groups: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = nn.GroupNorm(groups, ch)
+        self.q = nn.Conv2d(ch, ch, 1)
+        self.context_norm = nn.LayerNorm(context_dim)
+        self.kv = nn.Linear(context_dim, 2 * ch)
+        self.proj = _zero(nn.Conv2d(ch, ch, 1))
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        b, c, hgt, wid = x.shape
+        heads, d = self.num_heads, c // self.num_heads
+        q = self.q(self.norm(x)).reshape(b, heads, d, hgt * wid).transpose(-1, -2)  # (B, heads, HW, d)
+        kv = self.kv(self.context_norm(context.to(x.dtype)))  # (B, L, 2C)
+        k, v = kv.reshape(b, -1, 2, heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, L, d)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, hgt, wid))
+
+
 class Downsample(nn.Module):
     """DDPM's downsampling: a 3x3 convolution with stride 2."""
 
@@ -116,11 +140,17 @@ class Upsample(nn.Module):
 
 
 class Stage(nn.Sequential):
-    """A sequence of layers; residual blocks also get the time embedding."""
+    """A sequence of layers; residual blocks also get the time embedding, cross-attention
+    blocks the conditioning tokens."""
 
-    def forward(self, h: Tensor, emb: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, h: Tensor, emb: Tensor, context: Tensor | None = None) -> Tensor:  # type: ignore[override]
         for layer in self:
-            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            if isinstance(layer, ResBlock):
+                h = layer(h, emb)
+            elif isinstance(layer, CrossAttentionBlock):
+                h = layer(h, context)
+            else:
+                h = layer(h)
         return h
 
 
@@ -134,6 +164,7 @@ class _BlockSpec:
     scale_shift: bool
     resblock_updown: bool
     num_heads: int
+    context_dim: int
 
 
 @register("backbone", "unet")
@@ -147,6 +178,11 @@ class UNetBackbone(nn.Module):
     sinusoidal embedding of 1000·t goes through Linear→SiLU→Linear to 4·``channels``, and the
     projected ``"vector"`` conditioning is added to it. The defaults are the paper's CIFAR-10
     network (35.7 M parameters).
+
+    The other two conditioning routes are wired from the model's conditioners: ``"tokens"``
+    (width ``context_dim``) are attended to by a cross-attention block after every
+    self-attention block, the middle one included (Rombach et al. 2022); ``"concat"``
+    (``cond_channels`` channels at the image's size) are stacked onto the input.
 
     Args:
         channels: base channel count (width of the first level).
@@ -164,12 +200,14 @@ class UNetBackbone(nn.Module):
     """
 
     data_ranks: ClassVar[tuple[int, ...]] = (3,)
-    routes: ClassVar[tuple[str, ...]] = ("vector",)
+    routes: ClassVar[tuple[str, ...]] = ("vector", "tokens", "concat")
 
     def __init__(
         self,
         data_shape: tuple[int, ...],
         cond_dim: int = 0,
+        context_dim: int = 0,
+        cond_channels: int = 0,
         channels: int = 128,
         channel_mult: tuple[int, ...] = (1, 2, 2, 2),
         num_res_blocks: int = 2,
@@ -188,21 +226,23 @@ class UNetBackbone(nn.Module):
         _check_widths(channels, channel_mult, attention_resolutions, data_shape[1], num_heads, groups)
         self.data_shape = data_shape
         self.cond_dim = cond_dim
+        self.context_dim = context_dim
+        self.cond_channels = cond_channels
         self.channels = channels
         self._spec = _BlockSpec(
-            4 * channels, dropout, groups, use_scale_shift_norm, resblock_updown, num_heads
+            4 * channels, dropout, groups, use_scale_shift_norm, resblock_updown, num_heads, context_dim
         )
         self.time_mlp = nn.Sequential(
             nn.Linear(channels, 4 * channels), nn.SiLU(), nn.Linear(4 * channels, 4 * channels)
         )
         self.cond_proj = nn.Linear(cond_dim, 4 * channels) if cond_dim > 0 else None
-        self.inp = nn.Conv2d(data_shape[0], channels, 3, padding=1)
+        self.inp = nn.Conv2d(data_shape[0] + cond_channels, channels, 3, padding=1)
         widths = [channels * m for m in channel_mult]
         sides = [data_shape[1] // 2**level for level in range(len(channel_mult))]
         attends = [side in attention_resolutions for side in sides]
         self.down, skips = self._down_path(widths, attends, num_res_blocks)
         self.middle = Stage(
-            self._res(widths[-1], widths[-1]), self._attn(widths[-1]), self._res(widths[-1], widths[-1])
+            self._res(widths[-1], widths[-1]), *self._attn(widths[-1]), self._res(widths[-1], widths[-1])
         )
         self.up = self._up_path(widths, attends, num_res_blocks, skips)
         self.out = nn.Sequential(
@@ -215,8 +255,13 @@ class UNetBackbone(nn.Module):
         sp = self._spec
         return ResBlock(cin, cout, sp.emb_dim, sp.dropout, sp.groups, sp.scale_shift, resample)
 
-    def _attn(self, ch: int) -> AttentionBlock:
-        return AttentionBlock(ch, self._spec.num_heads, self._spec.groups)
+    def _attn(self, ch: int) -> list[nn.Module]:
+        """Self-attention, then cross-attention to the tokens when there are any."""
+        sp = self._spec
+        blocks: list[nn.Module] = [AttentionBlock(ch, sp.num_heads, sp.groups)]
+        if sp.context_dim > 0:
+            blocks.append(CrossAttentionBlock(ch, sp.context_dim, sp.num_heads, sp.groups))
+        return blocks
 
     def _resample(self, ch: int, mode: Resample) -> nn.Module:
         if self._spec.resblock_updown:
@@ -231,7 +276,7 @@ class UNetBackbone(nn.Module):
         skips = [ch]
         for level, (width, attend) in enumerate(zip(widths, attends, strict=True)):
             for _ in range(num_res_blocks):
-                stages.append(Stage(self._res(ch, width), *([self._attn(width)] if attend else [])))
+                stages.append(Stage(self._res(ch, width), *(self._attn(width) if attend else [])))
                 ch = width
                 skips.append(ch)
             if level < len(widths) - 1:
@@ -250,7 +295,7 @@ class UNetBackbone(nn.Module):
                 layers: list[nn.Module] = [self._res(ch + skips.pop(), width)]
                 ch = width
                 if attends[level]:
-                    layers.append(self._attn(width))
+                    layers.extend(self._attn(width))
                 if level > 0 and i == num_res_blocks:
                     layers.append(self._resample(width, "up"))
                 stages.append(Stage(*layers))
@@ -267,14 +312,16 @@ class UNetBackbone(nn.Module):
     def forward(self, x: Tensor, t: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
         """Output shaped like ``x`` (B, C, H, W) for times ``t`` (B,) in [0, 1]."""
         emb = self.embed(t, cond)
-        h = self.inp(x)
+        context = token_condition(cond, self.context_dim, "unet")
+        extra = concat_condition(cond, x, self.cond_channels, "unet")
+        h = self.inp(x if extra is None else torch.cat([x, extra.to(x.dtype)], dim=1))
         skips = [h]
         for stage in self.down:
-            h = stage(h, emb)
+            h = stage(h, emb, context)
             skips.append(h)
-        h = self.middle(h, emb)
+        h = self.middle(h, emb, context)
         for stage in self.up:
-            h = stage(torch.cat([h, skips.pop()], dim=1), emb)
+            h = stage(torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h)
 
 

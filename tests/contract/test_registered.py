@@ -43,6 +43,8 @@ KWARGS: dict[tuple[str, str], Any] = {
                                groups=8, dropout=0.0),
     ("backbone", "mlp"): dict(hidden=32, depth=2, time_dim=16),
     ("conditioner", "class_label"): dict(num_classes=3, dim=8),
+    ("conditioner", "image_concat"): dict(data_shape=(3, 8, 8)),
+    ("conditioner", "text"): dict(dim=16, heads=2, layers=1, max_length=8),
     ("dataset", "image_folder"): lambda: dict(root=_image_folder(), size=8),
     ("dataset", "toy2d"): dict(size=64),
 }
@@ -71,6 +73,9 @@ EXTRA: dict[tuple[str, str], dict[str, Any]] = {
     ("metric", "shapes_checker"): {"inputs": _shapes_inputs},
     ("conditioner", "class_label"): {"values": torch.tensor([0, 2, 1, 1])},
     ("conditioner", "scalar"): {"values": torch.tensor([0.1, 0.5, float("nan"), 2.0])},
+    ("conditioner", "image_concat"): {"values": torch.rand(4, 3, 4, 4)},
+    ("conditioner", "text"): {"values": ["a red circle", "two blue squares", "", "a red circle"]},
+    ("conditioner", "text_pretrained"): {"values": ["a red circle", "two blue squares", "", "a red circle"]},
 }
 
 

@@ -18,7 +18,7 @@ SETUPS = {
     # 64 points in batches of 16: 4 batches a pass, so step 6 is mid-pass and passes are crossed
     "toy2d": ["experiment=toy2d", "dataset.size=64", "data.batch_size=16"],
     # a U-Net with dropout and a class conditioner that drops labels at random
-    "digits": ["backbone=unet_tiny", "backbone.dropout=0.1", "conditioner.dropout=0.3", "data.batch_size=8"],
+    "digits": ["backbone=unet_tiny", "backbone.dropout=0.1", "conditioners.class_label.dropout=0.3", "data.batch_size=8"],
 }
 
 

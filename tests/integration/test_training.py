@@ -86,6 +86,6 @@ def test_compiled_backbone_trains_and_its_checkpoint_loads_uncompiled(tmp_path: 
 
 def test_scalar_conditioner_trains_and_draws_its_grid(tmp_path: Path) -> None:
     # the digit label read as a number: a continuous condition routed like any vector one
-    result = train(_cfg("conditioner=scalar", "conditioner.field=label", "conditioner.high=9", "trainer.max_steps=2",
+    result = train(_cfg("conditioner=scalar", "conditioners.scalar.field=label", "conditioners.scalar.high=9", "trainer.max_steps=2",
                         "sampling.num_samples=5", "sampler.steps=2"), tmp_path)
     assert result.samples is not None and result.samples.is_file()

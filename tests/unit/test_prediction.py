@@ -122,7 +122,7 @@ def test_denoiser_guidance_is_one_batched_forward():
     xin, tin, cin = model.calls[0]
     assert xin.shape == (2 * B, D) and tin.shape == (2 * B,) and cin["vector"].shape == (2 * B, D)
     torch.testing.assert_close(xin, torch.cat([x, x]), rtol=0, atol=0)
-    torch.testing.assert_close(cin["vector"], torch.cat([c, u]), rtol=0, atol=0)
+    torch.testing.assert_close(cin["vector"], torch.cat([u, c]), rtol=0, atol=0)
     assert torch.allclose(tin, torch.full((2 * B,), 0.4))
     out_c = 0.1 * x + 0.4 + c
     out_u = 0.1 * x + 0.4 + u
@@ -136,6 +136,67 @@ def test_denoiser_guidance_is_one_batched_forward():
     torch.testing.assert_close(a * d.x0 + s * d.eps, x, rtol=1e-9, atol=1e-9)
     den(x, 0.2)
     assert len(model.calls) == 2 and den.nfe == 2
+
+
+def test_nested_guidance_mixes_levels_in_one_forward():
+    """Two conditioners with their own scales: o₀ + g₁(o₁ − o₀) + g₂(o₂ − o₁) (InstructPix2Pix's
+    form), all three levels in one batched forward; equal scales reduce to plain guidance."""
+    sch = unfog.create("schedule", "linear", num_timesteps=1000)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64)
+    lv = [{"vector": torch.randn(B, D, generator=g, dtype=torch.float64)} for _ in range(3)]
+    model = FakeModel()
+    den = Denoiser(model, sch, "x0", cond=lv[2], uncond=lv[:2], guidance=[2.0, 4.0])
+    d = den(x, 0.3)
+    assert len(model.calls) == 1 and model.calls[0][0].shape == (3 * B, D) and den.nfe == 1
+    o = [0.1 * x + 0.3 + lv[k]["vector"] for k in range(3)]
+    torch.testing.assert_close(d.x0, o[0] + 2.0 * (o[1] - o[0]) + 4.0 * (o[2] - o[1]))
+    same = Denoiser(FakeModel(), sch, "x0", cond=lv[2], uncond=lv[:2], guidance=[3.0, 3.0])(x, 0.3)
+    torch.testing.assert_close(same.x0, o[0] + 3.0 * (o[2] - o[0]))
+    with pytest.raises(ValueError, match="2 guidance scales for 1"):
+        Denoiser(FakeModel(), sch, "x0", cond=lv[2], uncond=lv[:1], guidance=[2.0, 3.0])
+
+
+def test_guidance_rescale_matches_the_conditional_std():
+    """φ = 1 gives the guided output rescaled to the conditional output's per-sample std
+    (Lin et al. 2024, Eq. 15); φ = 0 is plain guidance; φ in between mixes linearly."""
+    sch = unfog.create("schedule", "linear", num_timesteps=1000)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64)
+    c, u = ({"vector": torch.randn(B, D, generator=g, dtype=torch.float64)} for _ in range(2))
+    outs = {phi: Denoiser(FakeModel(), sch, "x0", c, u, 5.0, rescale=phi)(x, 0.5).x0 for phi in (0.0, 0.7, 1.0)}
+    cond_out = 0.1 * x + 0.5 + c["vector"]
+    plain_cfg = (0.1 * x + 0.5 + u["vector"]) * (1 - 5.0) + 5.0 * cond_out
+    torch.testing.assert_close(outs[0.0], plain_cfg)
+    torch.testing.assert_close(outs[1.0].std(dim=1), cond_out.std(dim=1))
+    torch.testing.assert_close(outs[1.0], plain_cfg * cond_out.std(dim=1, keepdim=True) / plain_cfg.std(dim=1, keepdim=True))
+    torch.testing.assert_close(outs[0.7], 0.7 * outs[1.0] + 0.3 * outs[0.0])
+    with pytest.raises(ConfigError, match="guidance_rescale"):
+        Denoiser(FakeModel(), sch, "x0", c, u, 5.0, rescale=1.5)
+
+
+def test_guidance_interval_guides_only_inside_and_skips_the_unconditional_pass_outside():
+    """Kynkäänniemi et al. 2024: guidance only where σ/α lies in (lo, hi]; elsewhere the
+    conditional output, from a forward of the conditional rows alone."""
+    sch = unfog.create("schedule", "linear", num_timesteps=1000)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64)
+    c, u = ({"vector": torch.randn(B, D, generator=g, dtype=torch.float64)} for _ in range(2))
+    t = torch.linspace(0.05, 0.95, B)
+    level = sch.sigma(t) / sch.alpha(t)
+    lo, hi = float(level[3]), float(level[7])  # rows 4..7 are inside (lo, hi]
+    model = FakeModel()
+    den = Denoiser(model, sch, "x0", c, u, 3.0, interval=(lo, hi))
+    d = den(x, t)
+    o_c, o_u = (0.1 * x + t[:, None].double() + v["vector"] for v in (c, u))
+    inside = ((level > lo) & (level <= hi))[:, None]
+    assert int(inside.sum()) == 4
+    torch.testing.assert_close(d.x0, torch.where(inside, o_u + 3.0 * (o_c - o_u), o_c))
+    model.calls.clear()
+    den(x, torch.full((B,), 0.01))  # every row below lo: one forward of B rows
+    assert model.calls[0][0].shape == (B, D)
+    with pytest.raises(ConfigError, match="guidance_interval"):
+        Denoiser(FakeModel(), sch, "x0", c, u, 3.0, interval=(2.0, 1.0))
 
 
 def test_denoiser_without_guidance_passes_cond_through():
