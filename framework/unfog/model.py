@@ -57,7 +57,11 @@ class DiffusionModel(nn.Module):
                     f"the batch has {sorted(batch)}."
                 )
             mask = _drop_mask(drop, name, c.dropout, n, self.training)
-            parts.setdefault(c.route, []).append(c(batch[c.field], mask))
+            try:
+                out = c(batch[c.field], mask)
+            except DataError as exc:  # say which of the model's conditioners refused the value
+                raise DataError(f"conditioner {name!r}: {exc}") from exc
+            parts.setdefault(c.route, []).append(out)
         dims = {"vector": 1, "tokens": 1, "concat": 1}
         return {route: torch.cat(ts, dim=dims[route]) for route, ts in parts.items()}
 

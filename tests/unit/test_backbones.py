@@ -72,7 +72,7 @@ def test_registered_with_class_attributes() -> None:
     assert {"mlp", "unet"} <= set(unfog.available("backbone"))
     assert unfog.get("backbone", "unet").obj.data_ranks == (3,)
     assert unfog.get("backbone", "mlp").obj.data_ranks == (1,)
-    assert unfog.get("backbone", "mlp").obj.routes == ("vector", "concat")
+    assert unfog.get("backbone", "mlp").obj.routes == ("vector", "tokens", "concat")
     assert unfog.get("backbone", "unet").obj.routes == ("vector", "tokens", "concat")
     for name in ("mlp", "unet"):
         assert "20" in unfog.get("backbone", name).summary  # cites a paper's year

@@ -21,3 +21,24 @@ def test_readme_plugin_example_registers_and_samples() -> None:
         schedule = unfog.create("schedule", "cosine")
         out = sampler.sample(gaussian_denoiser(schedule), torch.randn(5, 2))
         assert out.shape == (5, 2) and torch.allclose(out, torch.full_like(out, 0.5), atol=0.05)
+
+
+def test_readme_train_commands_compose_and_validate() -> None:
+    """Every `unfog train` line of the quickstart is a valid config (sweeps: each first value)."""
+    import shlex
+
+    from hydra import compose, initialize_config_dir
+
+    from unfog.cli import conf_dir
+    from unfog.config import register_configs
+    from unfog.run import validate
+
+    block = re.search(r"## Quickstart\n\n```bash\n(.*?)```", README.read_text(), re.S).group(1)
+    lines = [line.split("  #")[0] for line in block.splitlines() if line.startswith("unfog train")]
+    assert len(lines) >= 5
+    register_configs()
+    for line in lines:
+        args = [a for a in shlex.split(line)[2:] if a != "-m" and not a.startswith("ckpt_path=")]
+        args = [a.split(",")[0] if "=" in a and "[" not in a else a for a in args]
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            validate(compose(config_name="train", overrides=args))
