@@ -55,6 +55,21 @@ class SampleGrid(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         self.draw(trainer, pl_module)
 
+    def check(self, model: Any) -> None:
+        """Encode the grid's conditioning for two samples now, so a grid that cannot be drawn
+        fails before training rather than at its first step."""
+        if self.num_samples <= 0 or not len(model.conditioners):
+            return
+        n = min(2, self.num_samples)
+        values = select(default_values(model, self.num_samples, self.examples), range(n))
+        was_training = model.training
+        try:
+            model.eval()
+            with torch.no_grad():
+                model.encode(values, n)
+        finally:
+            model.train(was_training)
+
     def draw(self, trainer: L.Trainer, pl_module: Any) -> Path | None:
         """Draw the grid for the current step, shared out across processes; rank 0 saves
         ``step_NNNNNNN.png`` and ``.npz`` and logs the picture. Every sample has its own noise

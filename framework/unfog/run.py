@@ -228,6 +228,7 @@ def train(cfg: Mapping[str, Any], run_dir: Path, sweep: Mapping[str, str] | None
                       smp["every_n_steps"], smp["num_samples"], smp["seed"], plain(smp["guidance"]), smp["clip"],
                       smp["batch_size"], smp["guidance_rescale"], plain(smp["guidance_interval"]),
                       examples=dataset_examples(dataset, smp["num_samples"], model.fields))
+    grid.check(model)
     callbacks: list[Any] = [
         ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                         every_n_train_steps=cfg["checkpoint"]["every_n_steps"]),

@@ -18,7 +18,8 @@ def default_values(model: DiffusionModel, n: int, examples: Mapping[str, Any] | 
     """Conditioning values for ``n`` samples when none are given: labels cycle 0, 1, ..., K−1;
     a conditioner with ``grid_values(n)`` (e.g. ``scalar``) gives its own spread of values;
     any other (a caption, an image to upscale) takes its field from ``examples``, ``n`` rows
-    of real data (:func:`dataset_examples`)."""
+    of real data (:func:`dataset_examples`), through its ``example_value`` if it has one
+    (``image_concat`` adds fixed inpainting masks)."""
     values: dict[str, Any] = {}
     for name, c in model.conditioners.items():
         if c.field in values:
@@ -29,7 +30,8 @@ def default_values(model: DiffusionModel, n: int, examples: Mapping[str, Any] | 
         elif k is not None:
             values[c.field] = torch.arange(n) % k
         elif examples is not None and c.field in examples:
-            values[c.field] = examples[c.field]
+            example = examples[c.field]
+            values[c.field] = c.example_value(example) if hasattr(c, "example_value") else example
         else:
             raise ConfigError(
                 f"conditioner {name!r} needs values for field {c.field!r} to sample; pass them explicitly."

@@ -105,6 +105,15 @@ class ImageConcat(nn.Module):
             return image
         return {"image": image, "mask": torch.ones(n, 1, *self.size)}
 
+    def example_value(self, value: Any) -> Any:
+        """The value to draw training grids from, given real images: for inpainting the images
+        with fixed masks (the four half-image masks and the centred box, in turn), so the grid
+        shows the same holes at every step; for super-resolution the images themselves."""
+        if self.task == "super_resolution":
+            return value
+        image = torch.as_tensor(value)
+        return {"image": image, "mask": grid_masks(image.shape[0], self.size)}
+
     def degrade(self, value: Any, mask: Any = None) -> Tensor:
         """What the model is conditioned on, as images (B, C, H, W) for display.
 
@@ -238,6 +247,17 @@ def random_masks(n: int, size: tuple[int, int]) -> Tensor:
         (rows < height // 2).expand(1, height, width),
     ])[side]
     return torch.where(outpaint[:, None, None], halves, rect)[:, None].float()
+
+
+def grid_masks(n: int, size: tuple[int, int]) -> Tensor:
+    """``n`` fixed masks (n, 1, H, W): the right, left, bottom and top halves unknown, then the
+    centred half-size box, repeated."""
+    height, width = size
+    rows = torch.arange(height)[:, None].expand(height, width)
+    cols = torch.arange(width)[None, :].expand(height, width)
+    kinds = torch.stack([cols >= width - width // 2, cols < width // 2, rows >= height - height // 2,
+                         rows < height // 2, box_mask(1, size)[0, 0].bool()])
+    return kinds[torch.arange(n) % len(kinds)][:, None].float()
 
 
 def _sides(n: int, length: int) -> Tensor:

@@ -181,3 +181,16 @@ def test_pretrained_text_encoder_trains_frozen_and_stays_out_of_checkpoints(tmp_
     out = sample(_cfg(f"checkpoint={result.checkpoint}", "sampler.steps=2", "num_samples=2", "device=cpu",
                       "prompt=a red circle", "guidance=2", name="sample"), tmp_path / "s")
     assert torch.isfinite(out.samples).all()
+
+
+def test_inpainting_preset_draws_its_grid_with_fixed_holes(tmp_path: Path) -> None:
+    """The grid of an inpainting model needs masks: real images get the fixed grid masks (a
+    grid that cannot be drawn would fail before training, not at its first step)."""
+    from unfog_conditioners.image_concat import grid_masks
+
+    result = train(_cfg("experiment=digits_inpaint", "backbone=unet_tiny", "trainer=debug", "logger=csv",
+                        "data.batch_size=8", "trainer.max_steps=2", "sampling.num_samples=5", "sampler.steps=2"),
+                   tmp_path)
+    assert result.samples is not None and result.samples.is_file()
+    masks = grid_masks(5, (8, 8))
+    assert [int(m.sum()) for m in masks] == [32, 32, 32, 32, 16] and len({m.numpy().tobytes() for m in masks}) == 5
