@@ -192,16 +192,28 @@ class BackboneContract(Contract):
         x = torch.randn(3, *shape)
         assert net(x, torch.rand(3), {}).shape == x.shape
 
-    def test_vector_conditioning_and_gradients(self) -> None:
-        if "vector" not in unfog.get(self.kind, self.key).obj.routes:
-            return
+    def test_every_route_reaches_the_output_and_gradients_reach_every_parameter(self) -> None:
+        routes = unfog.get(self.kind, self.key).obj.routes
         shape = self._shape()
-        net = self.build(data_shape=shape, cond_dim=5)
+        wiring = {"cond_dim": 5 if "vector" in routes else 0, "context_dim": 6 if "tokens" in routes else 0,
+                  "cond_channels": 2 if "concat" in routes else 0}
+        net = self.build(data_shape=shape, **wiring)
         for p in net.parameters():  # undo zero-initialised output layers so every path gets gradient
             if p.detach().abs().sum() == 0:
                 torch.nn.init.normal_(p, std=0.02)
-        x = torch.randn(3, *shape)
-        out = net(x, torch.rand(3), {"vector": torch.randn(3, 5)})
+        x, t = torch.randn(3, *shape), torch.rand(3)
+        cond = {}
+        if wiring["cond_dim"]:
+            cond["vector"] = torch.randn(3, 5)
+        if wiring["context_dim"]:
+            cond["tokens"] = torch.randn(3, 4, 6)
+        if wiring["cond_channels"]:
+            cond["concat"] = torch.randn(3, 2, *shape[1:])
+        out = net(x, t, cond)
+        with torch.no_grad():
+            for route in cond:
+                changed = net(x, t, {**cond, route: cond[route] + torch.randn_like(cond[route])})
+                assert not torch.allclose(changed, out), f"the {route!r} route does not reach the output"
         out.square().mean().backward()
         missing = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
         assert not missing, f"parameters without gradient (DDP would fail): {missing[:5]}"

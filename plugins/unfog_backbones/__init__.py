@@ -1,5 +1,8 @@
-"""First-party backbones; importing this package registers them."""
+"""First-party backbones; importing this package registers them.
 
-from unfog_backbones import embeddings, mlp, unet
+Optional libraries (timm, diffusers) are imported only when such a backbone is built.
+"""
 
-__all__ = ["embeddings", "mlp", "unet"]
+from unfog_backbones import dit, embeddings, mlp, unet
+
+__all__ = ["dit", "embeddings", "mlp", "unet"]

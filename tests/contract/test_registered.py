@@ -42,6 +42,7 @@ KWARGS: dict[tuple[str, str], Any] = {
     ("backbone", "unet"): dict(channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
                                groups=8, dropout=0.0),
     ("backbone", "mlp"): dict(hidden=32, depth=2, time_dim=16),
+    ("backbone", "dit"): dict(hidden_size=32, depth=2, num_heads=2, patch_size=2),
     ("conditioner", "class_label"): dict(num_classes=3, dim=8),
     ("conditioner", "image_concat"): dict(data_shape=(3, 8, 8)),
     ("conditioner", "text"): dict(dim=16, heads=2, layers=1, max_length=8),

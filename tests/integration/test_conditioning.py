@@ -60,7 +60,7 @@ def test_routes_reach_the_backbone_and_mismatches_are_refused() -> None:
     x, t = torch.randn(2, 3, 16, 16), torch.full((2,), 0.5)
     base = bb(x, t, cond)
     for route in ("tokens", "concat", "vector"):
-        changed = dict(cond, **{route: cond[route] + 1.0})
+        changed = dict(cond, **{route: cond[route] + torch.randn_like(cond[route])})
         assert not torch.allclose(bb(x, t, changed), base), f"the {route} route does not reach the output"
     # a route the backbone does not consume is refused at compose time, naming the conditioner
     import unfog_backbones.mlp as mlp
