@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from unfog.audio import is_audio, write_wavs
 from unfog.images import picture, save_png
 from unfog.loggers import log_picture
 from unfog.model import Guidance
@@ -22,7 +23,8 @@ from unfog.sampling import default_values, gather, generate, select, shard
 
 class SampleGrid(L.Callback):
     """Every ``every_n_steps`` optimizer steps and at the end, draws a fixed-seed grid with
-    the EMA weights, saves it as ``samples/step_NNNNNNN.png`` and logs it. Conditioners
+    the EMA weights, saves it as ``samples/step_NNNNNNN.png`` (sound: ``step_NNNNNNN/*.wav``)
+    and logs it. Conditioners
     without values of their own (captions, images to upscale) take them from ``examples``,
     fixed rows of the training data."""
 
@@ -30,7 +32,7 @@ class SampleGrid(L.Callback):
                  data_range: tuple[float, float] | None, every_n_steps: int = 1000, num_samples: int = 64,
                  seed: int = 0, guidance: Guidance = 1.0, clip: bool = True, batch_size: int = 256,
                  guidance_rescale: float = 0.0, guidance_interval: Sequence[float] | None = None,
-                 examples: Mapping[str, Any] | None = None) -> None:
+                 examples: Mapping[str, Any] | None = None, sample_rate: int | None = None) -> None:
         self.sampler = sampler
         self.out_dir = Path(out_dir)
         self.data_shape = data_shape
@@ -42,6 +44,7 @@ class SampleGrid(L.Callback):
         self.guidance_rescale = guidance_rescale
         self.guidance_interval = guidance_interval
         self.examples = examples
+        self.sample_rate = sample_rate
         self.clip = data_range if clip else None
         self.batch_size = batch_size
         self.last_step = -1
@@ -92,6 +95,8 @@ class SampleGrid(L.Callback):
             return None
         self.out_dir.mkdir(parents=True, exist_ok=True)
         np.savez(self.out_dir / f"step_{step:07d}.npz", samples=samples.numpy())
+        if self.sample_rate and is_audio(self.data_shape):  # sound: one WAV per sample
+            write_wavs(samples, self.sample_rate, self.out_dir / f"step_{step:07d}")
         nrow = _classes(model) or None
         pic = picture(samples, nrow, self.data_range)
         if pic is None:

@@ -1,6 +1,6 @@
-"""The ``unfog`` command: train, sample, config, list, plugins.
+"""The ``unfog`` command: train, sample, export, config, list, plugins.
 
-``train``, ``sample`` and ``config`` take Hydra overrides (``sampler=ddim sampler.steps=20``,
+``train``, ``sample``, ``export`` and ``config`` take Hydra overrides (``sampler=ddim sampler.steps=20``,
 ``-m schedule=linear,cosine``, ``--cfg job``, ``hydra/launcher=...``); every registered
 component is a config-group option.
 """
@@ -18,6 +18,8 @@ USAGE = """usage: unfog COMMAND [OVERRIDES...]
 commands:
   train  [overrides]   train a model (default: class-conditional digits on the CPU)
   sample [overrides]   draw samples from a checkpoint: unfog sample checkpoint=PATH sampler=ddpm
+  export [overrides]   write a checkpoint as safetensors or a diffusers pipeline:
+                       unfog export checkpoint=PATH format=diffusers sampler=ddim output_dir=DIR
   config [overrides]   print the composed training config
   list   [KIND]        list registered components (kinds: {kinds})
   plugins              list plugin distributions, versions and what each provides
@@ -54,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers: dict[str, Callable[[list[str]], int]] = {
         "train": lambda r: _hydra("train", _train_task, r),
         "sample": lambda r: _hydra("sample", _sample_task, r),
+        "export": lambda r: _hydra("export", _export_task, r),
         "config": _config,
         "list": _list,
         "plugins": _plugins,
@@ -209,6 +212,19 @@ def _sample_task(cfg: Any) -> None:
     if result.metrics:
         for key, value in result.metrics.items():
             print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+
+
+def _export_task(cfg: Any) -> None:
+    from unfog.errors import UnfogError
+    from unfog.export import export
+
+    out = Path(cfg.output_dir) if cfg.output_dir else _output_dir()
+    try:
+        folder = export(cfg, out)
+    except UnfogError as exc:
+        _fail(exc)
+        raise
+    print(f"unfog: exported {cfg.checkpoint} as {cfg.format} to {folder}")
 
 
 def _config(overrides: list[str]) -> int:

@@ -208,6 +208,7 @@ def train(cfg: Mapping[str, Any], run_dir: Path, sweep: Mapping[str, str] | None
             "data_shape": list(dataset.data_shape),
             "num_classes": dataset.num_classes,
             "data_range": list(dataset.data_range) if dataset.data_range else None,
+            "sample_rate": getattr(dataset, "sample_rate", None),  # sound: written as WAV files
         },
     }
     opt, ema, smp, loss = cfg["optim"], cfg["ema"], cfg["sampling"], cfg["loss"]
@@ -227,7 +228,8 @@ def train(cfg: Mapping[str, Any], run_dir: Path, sweep: Mapping[str, str] | None
     grid = SampleGrid(sampler, run_dir / "samples", tuple(dataset.data_shape), dataset.data_range,
                       smp["every_n_steps"], smp["num_samples"], smp["seed"], plain(smp["guidance"]), smp["clip"],
                       smp["batch_size"], smp["guidance_rescale"], plain(smp["guidance_interval"]),
-                      examples=dataset_examples(dataset, smp["num_samples"], model.fields))
+                      examples=dataset_examples(dataset, smp["num_samples"], model.fields),
+                      sample_rate=getattr(dataset, "sample_rate", None))
     grid.check(model)
     callbacks: list[Any] = [
         ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
@@ -317,8 +319,13 @@ def _is_wandb(logger: Any) -> bool:
 def load_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[DiffusionModel, Any, dict[str, Any]]:
     """Rebuild the model (EMA weights by default) and schedule stored in a training checkpoint.
 
-    The file is untrusted input: it is read with ``weights_only=True``.
+    The file is untrusted input: it is read with ``weights_only=True``. A folder is read as a
+    ``unfog export format=safetensors`` export (:func:`unfog.export.load_exported`).
     """
+    if Path(path).is_dir():
+        from unfog.export import load_exported
+
+        return load_exported(path)
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint={path} does not exist; pass a run's checkpoints/last.ckpt.")
@@ -350,6 +357,7 @@ def sample(cfg: Mapping[str, Any], out_dir: Path) -> SampleResult:
     """Draw ``num_samples`` from a checkpoint with any sampler; write a PNG grid and ``.npz``."""
     import numpy as np
 
+    from unfog.audio import is_audio, write_wavs
     from unfog.images import picture, save_png
     from unfog.sampling import generate
 
@@ -378,6 +386,8 @@ def sample(cfg: Mapping[str, Any], out_dir: Path) -> SampleResult:
     pic = picture(samples, wiring["num_classes"] if labels is not None else None,
                   tuple(wiring["data_range"]) if wiring["data_range"] else None)
     grid = save_png(pic, out_dir / "samples.png") if pic is not None else None
+    if wiring.get("sample_rate") and is_audio(wiring["data_shape"]):
+        write_wavs(samples, int(wiring["sample_rate"]), out_dir / "wav")
     if captions is not None:
         (out_dir / "prompts.txt").write_text("".join(f"{k}\t{c}\n" for k, c in enumerate(captions)))
     metrics = None

@@ -1,5 +1,5 @@
-"""Typed schemas of the configs that are not components: the root train and sample configs
-and the Lightning trainer. Unknown keys and wrong types fail at compose time."""
+"""Typed schemas of the configs that are not components: the root train, sample and export
+configs and the Lightning trainer. Unknown keys and wrong types fail at compose time."""
 
 from __future__ import annotations
 
@@ -117,6 +117,19 @@ class SampleConfig:
     use_ema: bool = True
 
 
+@dataclass
+class ExportConfig:
+    """Root of ``unfog export``: a checkpoint written as safetensors (any backbone) or as a
+    diffusers pipeline whose scheduler follows ``sampler``."""
+
+    checkpoint: str = MISSING
+    format: str = "safetensors"  # safetensors | diffusers
+    sampler: Any = MISSING  # format=diffusers: picks the diffusers scheduler (ddim, ddpm, ...)
+    output_dir: str | None = None
+    use_ema: bool = True
+    clip: bool = True  # format=diffusers: clip x̂₀ to the data range (clip_sample), as unfog sample does
+
+
 def trainer_schema() -> type:
     """A dataclass of ``lightning.Trainer``'s keyword arguments (values untyped, keys checked)."""
     from lightning import Trainer
@@ -142,4 +155,5 @@ def register_static_schemas(cs: Any) -> None:
     """Store the root and trainer schemas in Hydra's ConfigStore."""
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="sample_schema", node=SampleConfig)
+    cs.store(name="export_schema", node=ExportConfig)
     cs.store(group="trainer", name="trainer_schema", node=trainer_schema())

@@ -4,6 +4,6 @@ Heavy optional libraries (torchvision, scikit-learn, PIL) are imported only when
 is built, so discovering plugins stays fast.
 """
 
-from unfog_datasets import digits, image_folder, shapes, torchvision_sets, toy2d
+from unfog_datasets import audio_folder, digits, image_folder, shapes, tones, torchvision_sets, toy2d
 
-__all__ = ["digits", "image_folder", "shapes", "toy2d", "torchvision_sets"]
+__all__ = ["audio_folder", "digits", "image_folder", "shapes", "tones", "toy2d", "torchvision_sets"]

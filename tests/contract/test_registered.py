@@ -38,11 +38,32 @@ def _image_folder() -> str:
     return str(root)
 
 
+def _audio_folder() -> str:
+    from unfog.audio import write_wavs
+
+    root = Path(tempfile.mkdtemp(prefix="unfog-contract-audio-"))
+    clips = torch.sin(torch.linspace(0, 200, 300))[None, None].repeat(2, 1, 1) * 0.5
+    for label in ("a", "b"):
+        write_wavs(clips, 8000, root / label)
+    return str(root)
+
+
+def _tones_inputs(self: Any) -> dict[str, Any]:
+    from torch.utils.data import DataLoader
+
+    batch = next(iter(DataLoader(unfog.create("dataset", "tones", size=6), batch_size=6)))
+    return {"generated": batch["x"], "real": torch.randn(6, 1, 4096, generator=torch.Generator().manual_seed(0)) * 0.3}
+
+
 KWARGS: dict[tuple[str, str], Any] = {
     ("backbone", "unet"): dict(channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
                                groups=8, dropout=0.0),
     ("backbone", "mlp"): dict(hidden=32, depth=2, time_dim=16),
     ("backbone", "dit"): dict(hidden_size=32, depth=2, num_heads=2, patch_size=2),
+    ("backbone", "diffusers_unet"): dict(block_out_channels=(16, 32)),
+    ("backbone", "unet1d"): dict(channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2,
+                                 groups=4),
+    ("dataset", "audio_folder"): lambda: dict(root=_audio_folder(), length=64, sample_rate=8000),
     ("conditioner", "class_label"): dict(num_classes=3, dim=8),
     ("conditioner", "image_concat"): dict(data_shape=(3, 8, 8)),
     ("conditioner", "text"): dict(dim=16, heads=2, layers=1, max_length=8),
@@ -50,6 +71,8 @@ KWARGS: dict[tuple[str, str], Any] = {
     ("dataset", "toy2d"): dict(size=64),
 }
 SKIP: dict[tuple[str, str], str] = {
+    ("backbone", "diffusers_folder"): "needs a diffusers model folder per wiring; tests/integration/test_export.py "
+                                      "runs the same contract on folders it writes",
     ("dataset", "cifar10"): "needs the CIFAR-10 files; tests/unit/test_datasets.py covers it with a fake copy",
     ("dataset", "mnist"): "needs the MNIST files; tests/unit/test_datasets.py covers its offline error",
 }
@@ -72,6 +95,7 @@ def _shapes_inputs(self: Any) -> dict[str, Any]:
 EXTRA: dict[tuple[str, str], dict[str, Any]] = {
     ("metric", "digits_classifier"): {"inputs": _digits_inputs},
     ("metric", "shapes_checker"): {"inputs": _shapes_inputs},
+    ("metric", "tones_spectrum"): {"inputs": _tones_inputs},
     ("conditioner", "class_label"): {"values": torch.tensor([0, 2, 1, 1])},
     ("conditioner", "scalar"): {"values": torch.tensor([0.1, 0.5, float("nan"), 2.0])},
     ("conditioner", "image_concat"): {"values": torch.rand(4, 3, 4, 4)},
