@@ -196,6 +196,10 @@ class UNetBackbone(nn.Module):
             of the group norm (ADM) instead of by adding it.
         resblock_updown: resample with residual blocks (ADM) instead of a strided convolution
             down and nearest-neighbour + convolution up (DDPM).
+        coord_channels: stack the pixel coordinates (y, x in [−1, 1]) onto the input
+            (CoordConv, Liu et al. 2018): convolutions and attention without positional
+            embeddings cannot tell where a pixel is beyond their receptive field, which a
+            prompt such as "in the top left" needs.
         groups: GroupNorm groups; every level's width must be divisible by it.
     """
 
@@ -217,6 +221,7 @@ class UNetBackbone(nn.Module):
         use_scale_shift_norm: bool = False,
         resblock_updown: bool = False,
         groups: int = 32,
+        coord_channels: bool = False,
     ) -> None:
         super().__init__()
         data_shape, channel_mult = tuple(data_shape), tuple(channel_mult)
@@ -236,7 +241,8 @@ class UNetBackbone(nn.Module):
             nn.Linear(channels, 4 * channels), nn.SiLU(), nn.Linear(4 * channels, 4 * channels)
         )
         self.cond_proj = nn.Linear(cond_dim, 4 * channels) if cond_dim > 0 else None
-        self.inp = nn.Conv2d(data_shape[0] + cond_channels, channels, 3, padding=1)
+        self.coord_channels = coord_channels
+        self.inp = nn.Conv2d(data_shape[0] + cond_channels + (2 if coord_channels else 0), channels, 3, padding=1)
         widths = [channels * m for m in channel_mult]
         sides = [data_shape[1] // 2**level for level in range(len(channel_mult))]
         attends = [side in attention_resolutions for side in sides]
@@ -314,7 +320,8 @@ class UNetBackbone(nn.Module):
         emb = self.embed(t, cond)
         context = token_condition(cond, self.context_dim, "unet")
         extra = concat_condition(cond, x, self.cond_channels, "unet")
-        h = self.inp(x if extra is None else torch.cat([x, extra.to(x.dtype)], dim=1))
+        parts = [x] + ([extra.to(x.dtype)] if extra is not None else []) + ([_coords(x)] if self.coord_channels else [])
+        h = self.inp(torch.cat(parts, dim=1) if len(parts) > 1 else x)
         skips = [h]
         for stage in self.down:
             h = stage(h, emb, context)
@@ -323,6 +330,14 @@ class UNetBackbone(nn.Module):
         for stage in self.up:
             h = stage(torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h)
+
+
+def _coords(x: Tensor) -> Tensor:
+    """The pixel coordinates (B, 2, H, W): y then x, each from −1 to 1."""
+    b, _, h, w = x.shape
+    ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype)
+    xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype)
+    return torch.stack(torch.meshgrid(ys, xs, indexing="ij")).expand(b, 2, h, w)
 
 
 def _check_scalars(

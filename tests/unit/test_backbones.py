@@ -196,3 +196,18 @@ def test_invalid_unet_configurations_raise(kw: dict[str, Any], match: str) -> No
 def test_invalid_mlp_configurations_raise(kw: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         unfog.create("backbone", "mlp", **{"data_shape": (2,), **TINY_MLP, **kw})
+
+
+def test_coord_channels_tell_interior_pixels_apart() -> None:
+    """A small-receptive-field U-Net maps a constant image to a constant interior; with the
+    coordinates stacked onto the input each pixel knows where it is."""
+    kw = dict(data_shape=(1, 32, 32), channels=8, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(),
+              groups=4, dropout=0.0)
+    outs = {}
+    for coords in (False, True):
+        torch.manual_seed(0)
+        net = unfog.create("backbone", "unet", coord_channels=coords, **kw)
+        for p in net.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+        outs[coords] = net(torch.zeros(1, 1, 32, 32), torch.tensor([0.5]), {})[0, 0, 10:22, 10:22]
+    assert float(outs[False].std()) < 0.01 * float(outs[True].std())  # float noise against real variation
