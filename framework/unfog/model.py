@@ -38,8 +38,17 @@ class DiffusionModel(nn.Module):
                     f"conditioner {name!r} routes to {c.route!r}; routes are {', '.join(ROUTES)}."
                 )
 
+    channels_last = False  # set by use_channels_last()
+
+    def use_channels_last(self) -> None:
+        """Keep the backbone's weights and the images it sees in channels-last (NHWC) order."""
+        self.backbone.to(memory_format=torch.channels_last)
+        self.channels_last = True
+
     def forward(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """The backbone's output for x_t at time t."""
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone(x, t, cond)
 
     @property

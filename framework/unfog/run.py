@@ -200,6 +200,8 @@ def train(cfg: Mapping[str, Any], run_dir: Path, sweep: Mapping[str, str] | None
     schedule = build("schedule", cfg["schedule"])
     sampler = build("sampler", cfg["sampler"])
     model = build_model(cfg, tuple(dataset.data_shape), dataset.num_classes)
+    if cfg["trainer"].get("channels_last") and len(dataset.data_shape) == 3:
+        model.use_channels_last()
     resolved = plain(cfg)
     meta = {
         "config": resolved,
@@ -243,6 +245,7 @@ def train(cfg: Mapping[str, Any], run_dir: Path, sweep: Mapping[str, str] | None
     trainer_kwargs = dict(plain(cfg["trainer"]))
     if trainer_kwargs.get("strategy") == "fsdp2":
         trainer_kwargs["strategy"] = fsdp2_strategy(trainer_kwargs)
+    trainer_kwargs.pop("channels_last", None)  # applied to the model above, before its EMA copy
     compile_with = trainer_kwargs.pop("compile", False)
     if compile_with:  # in place: the state dict keeps its keys, so checkpoints stay portable
         model.backbone.compile(**({"backend": compile_with} if isinstance(compile_with, str) else {}))

@@ -144,6 +144,9 @@ def trainer_schema() -> type:
     # unfog's own switch: compile the backbone's forward with torch.compile (Module.compile):
     # false, true (the default inductor backend) or a backend name such as "cudagraphs".
     fields.append(("compile", Any, dataclasses.field(default=False)))
+    # and keep images in channels-last memory order (NHWC), which convolutions run faster in
+    # on tensor-core GPUs and with oneDNN on CPUs.
+    fields.append(("channels_last", bool, dataclasses.field(default=False)))
     return dataclasses.make_dataclass("trainer", fields)
 
 

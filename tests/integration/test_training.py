@@ -89,3 +89,16 @@ def test_scalar_conditioner_trains_and_draws_its_grid(tmp_path: Path) -> None:
     result = train(_cfg("conditioner=scalar", "conditioners.scalar.field=label", "conditioners.scalar.high=9", "trainer.max_steps=2",
                         "sampling.num_samples=5", "sampler.steps=2"), tmp_path)
     assert result.samples is not None and result.samples.is_file()
+
+
+def test_channels_last_trains_and_its_checkpoint_loads_as_usual(tmp_path: Path) -> None:
+    from unfog.run import build_model, load_checkpoint
+
+    cfg = _cfg("trainer.max_steps=2", "trainer.channels_last=true", "sampling.num_samples=2", "sampler.steps=2")
+    model = build_model(cfg, (1, 8, 8), 10)
+    model.use_channels_last()
+    assert model.backbone.inp.weight.is_contiguous(memory_format=torch.channels_last)
+    result = train(cfg, tmp_path)
+    assert result.samples is not None and result.samples.is_file()
+    loaded, _, _ = load_checkpoint(result.checkpoint)
+    assert not loaded.channels_last  # a memory order of the run, not of the model
