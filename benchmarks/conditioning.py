@@ -13,7 +13,8 @@ data the model never saw:
 - ``inpaint`` (experiment=digits_inpaint): the held-out test digits with a hole (the bottom
   half, or the centre 4×4) are filled in; the digits classifier's accuracy on the result
   against the true labels, next to the same classifier on the masked input and on the
-  originals, and the mean squared error inside the hole.
+  originals, on the hole filled with the mean training digit, and against other images'
+  labels (chance); and the mean squared error inside the hole.
 
     python benchmarks/conditioning.py                    # all three, report to stdout + JSON
     python benchmarks/conditioning.py --only text --write-docs
@@ -150,10 +151,11 @@ def run_inpaint(checkpoint: Path, docs: Path | None) -> dict[str, Any]:
 
     x, labels = digits_split("test")
     n = len(x)
+    mean_image = digits_split("train")[0].mean(0, keepdim=True)
     classifier = unfog.create("metric", "digits_classifier")
 
-    def accuracy(images: Tensor) -> float:
-        return round(float((classifier.predict(images) == labels).float().mean()), 4)
+    def accuracy(images: Tensor, truth: Tensor = labels) -> float:
+        return round(float((classifier.predict(images) == truth).float().mean()), 4)
 
     out: dict[str, Any] = {"n": n, "original_accuracy": accuracy(x), "holes": {}}
     pictures = []
@@ -164,6 +166,9 @@ def run_inpaint(checkpoint: Path, docs: Path | None) -> dict[str, Any]:
         filled = draw(checkpoint, {"x": {"image": x, "mask": mask}}, n)
         out["holes"][name] = {
             "accuracy_inpainted": accuracy(filled), "accuracy_masked_input": accuracy(masked),
+            "accuracy_mean_fill": accuracy(torch.where(hole, mean_image.expand_as(x), x)),
+            "accuracy_inpainted_vs_other_labels": accuracy(filled, labels.roll(n // 2)),  # chance level
+            "hole_mse_mean_fill": round(float((mean_image.expand_as(x) - x)[hole].pow(2).mean()), 4),
             "hole_mse": round(float((filled - x)[hole].pow(2).mean()), 4),
             "known_mse": round(float((filled - x)[~hole].pow(2).mean()), 4),
         }
