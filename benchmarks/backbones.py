@@ -49,7 +49,7 @@ PRESETS: dict[str, tuple[int, ...]] = {
     "dit_l2": (4, 32, 32),
     "dit_xl2": (4, 32, 32),
 }
-BIG = {"dit_l2", "dit_xl2", "unet_cifar10", "dit_b2"}  # run on the CPU only with --all
+BIG = {"dit_s2", "dit_b2", "dit_l2", "dit_xl2", "unet_cifar10"}  # on the CPU only with --all or --only
 
 
 def build(name: str, data_shape: tuple[int, ...], **extra: Any) -> torch.nn.Module:
@@ -160,12 +160,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                               "command": "python benchmarks/backbones.py " + " ".join(sys.argv[1:] if argv is None
                                                                                       else argv),
                               "presets": {}}
+    path = args.json or ROOT / f"backbones-{device.type}.json"
     for name in names:
         report["presets"][name] = measure(name, PRESETS[name], args.batch, args.repeats, device, switches)
         print(name, {k: round(v, 1) if isinstance(v, float) else v for k, v in report["presets"][name].items()},
               flush=True)
-    path = args.json or ROOT / f"backbones-{device.type}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+        path.write_text(json.dumps(report, indent=2) + "\n")  # after each preset: a long run keeps what it measured
     print(markdown(report))
     print(f"wrote {path}")
 

@@ -139,7 +139,7 @@ def run_sr(checkpoint: Path, n: int, docs: Path | None) -> dict[str, Any]:
     if docs is not None:
         k = 10
         nearest = torch.nn.functional.interpolate(low[:k], scale_factor=2, mode="nearest")
-        save_rows([nearest, bilinear[:k], sr[:k], x[:k]], ["8×8 input", "bilinear", "unfog", "original"],
+        save_rows([nearest, bilinear[:k], sr[:k], x[:k]], ["8x8 input", "bilinear", "unfog", "original"],
                   docs / "conditioning-sr.png")
     return out
 
