@@ -26,7 +26,7 @@ def test_train_writes_checkpoint_samples_logs_and_config(trained: Path) -> None:
     meta = ckpt["unfog"]
     assert meta["config"]["backbone"]["_name_"] == "unet" and meta["config"]["sampler"]["steps"] == 5
     assert meta["versions"]["unfog"] and meta["versions"]["torch"]
-    assert meta["wiring"] == {"data_shape": [1, 8, 8], "num_classes": 10, "data_range": [-1.0, 1.0]}
+    assert meta["wiring"] == {"data_shape": [1, 8, 8], "num_classes": 10, "data_range": [-1.0, 1.0], "sample_rate": None}
     assert any(k.startswith("ema.module.backbone.") for k in ckpt["state_dict"])
     assert (trained / "samples" / "step_0000003.png").is_file()
     assert (trained / "samples" / "step_0000006.png").is_file()
