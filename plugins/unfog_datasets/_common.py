@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import warnings
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from unfog.errors import ConfigError
+from unfog.errors import ConfigError, DataError
 
 IMAGE_RANGE: tuple[float, float] = (-1.0, 1.0)
 
@@ -43,3 +45,34 @@ def check_index(owner: str, index: int, length: int) -> int:
     if not 0 <= index < length:
         raise IndexError(f"{owner}: index {index} is out of range for a dataset of {length} items.")
     return index
+
+
+SHOW_SKIPPED = 5  # bad files named in the warning; the rest are counted
+
+
+def readable_files(owner: str, files: Sequence[Path], root: str, what: str,
+                   check: Callable[[Path], Any], skipped: list[str]) -> list[Path]:
+    """The ``files`` that ``check`` reads without raising; the others are appended to
+    ``skipped`` (path and error) and reported in one warning. None readable: DataError."""
+    good: list[Path] = []
+    for f in files:
+        try:
+            check(f)
+        except Exception as exc:  # decoders report broken files with many error types
+            skipped.append(f"{f} ({type(exc).__name__}: {exc})")
+        else:
+            good.append(f)
+    if not good:
+        raise DataError(
+            f"{owner}: none of the {len(files)} {what} files under {root!r} could be read; for example {skipped[0]}."
+        )
+    if skipped:
+        extra = len(skipped) - SHOW_SKIPPED
+        more = f" and {extra} more" if extra > 0 else ""
+        warnings.warn(
+            f"{owner}: skipped {len(skipped)} of {len(files)} {what} files under {root!r} that could not be "
+            f"read: {'; '.join(skipped[:SHOW_SKIPPED])}{more}. Their list is in the dataset's `skipped`.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return good

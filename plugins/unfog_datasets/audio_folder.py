@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +14,13 @@ from torch.utils.data import Dataset
 
 from unfog import register
 from unfog.errors import ConfigError, DataError
-from unfog_datasets._common import check_index, check_int
+from unfog_datasets._common import check_index, check_int, readable_files
 
 # Extensions of the formats libsndfile reads (mp3 and opus need libsndfile ≥ 1.1).
 AUDIO_EXTENSIONS: tuple[str, ...] = (
     ".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".aifc", ".au", ".snd", ".caf", ".w64",
 )
 AUDIO_RANGE: tuple[float, float] = (-1.0, 1.0)
-_SHOW_SKIPPED = 5
 
 
 def _soundfile() -> Any:
@@ -196,32 +194,13 @@ class AudioFolder(Dataset):
 
     def _drop_bad(self, files: list[Path]) -> list[Path]:
         sf = _soundfile()
-        good: list[Path] = []
-        for f in files:
-            try:
-                if sf.info(str(f)).frames < 1:
-                    raise ValueError("the file holds no audio")
-                sf.read(str(f), frames=1, dtype="float32")
-            except Exception as exc:  # libsndfile reports broken files with several error types
-                self.skipped.append(f"{f} ({type(exc).__name__}: {exc})")
-            else:
-                good.append(f)
-        if not good:
-            raise DataError(
-                f"audio_folder: none of the {len(files)} sound files under {self.root!r} could be read; "
-                f"for example {self.skipped[0]}."
-            )
-        if self.skipped:
-            shown = "; ".join(self.skipped[:_SHOW_SKIPPED])
-            extra = len(self.skipped) - _SHOW_SKIPPED
-            more = f" and {extra} more" if extra > 0 else ""
-            warnings.warn(
-                f"audio_folder: skipped {len(self.skipped)} of {len(files)} sound files under {self.root!r} "
-                f"that could not be read: {shown}{more}. Their list is in the dataset's `skipped`.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return good
+
+        def check(f: Path) -> None:
+            if sf.info(str(f)).frames < 1:
+                raise ValueError("the file holds no audio")
+            sf.read(str(f), frames=1, dtype="float32")
+
+        return readable_files("audio_folder", files, self.root, "sound", check, self.skipped)
 
     def __len__(self) -> int:
         return len(self.files)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +13,9 @@ from torch.utils.data import Dataset
 
 from unfog import register
 from unfog.errors import ConfigError, DataError
-from unfog_datasets._common import IMAGE_RANGE, check_index, check_int, uint8_to_unit
+from unfog_datasets._common import IMAGE_RANGE, check_index, check_int, readable_files, uint8_to_unit
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-_SHOW_SKIPPED = 5
 
 
 def find_images(root: Path) -> list[Path]:
@@ -136,30 +134,8 @@ class ImageFolder(Dataset):
             self.fields = ("x",)
 
     def _drop_bad(self, files: list[Path]) -> list[Path]:
-        good: list[Path] = []
-        for f in files:
-            try:
-                load_image(f, size=self.size, mode=self._mode, draft=True)
-            except Exception as exc:  # PIL raises many kinds of errors for broken files
-                self.skipped.append(f"{f} ({type(exc).__name__}: {exc})")
-            else:
-                good.append(f)
-        if not good:
-            raise DataError(
-                f"image_folder: none of the {len(files)} image files under {self.root!r} could be read; "
-                f"for example {self.skipped[0]}."
-            )
-        if self.skipped:
-            shown = "; ".join(self.skipped[:_SHOW_SKIPPED])
-            extra = len(self.skipped) - _SHOW_SKIPPED
-            more = f" and {extra} more" if extra > 0 else ""
-            warnings.warn(
-                f"image_folder: skipped {len(self.skipped)} of {len(files)} image files under {self.root!r} "
-                f"that could not be read: {shown}{more}. Their list is in the dataset's `skipped`.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return good
+        return readable_files("image_folder", files, self.root, "image",
+                              lambda f: load_image(f, size=self.size, mode=self._mode, draft=True), self.skipped)
 
     def __len__(self) -> int:
         return len(self.files)
