@@ -20,11 +20,13 @@ RESERVED = 3
 WORD = re.compile(r"[^\W\d_]+|\d+|[^\w\s]|_")
 
 
-def word_id(word: str, vocab_size: int) -> int:
+def word_id(word: str, vocab_size: int, quotient_remainder: bool = False) -> int:
     """The id of ``word``: its CRC-32 modulo the non-reserved ids (the hashing trick of
-    Weinberger et al. 2009). Unlike ``hash()``, CRC-32 is the same in every process and
-    on every machine, so a checkpoint's embeddings keep meaning the same words."""
-    return RESERVED + zlib.crc32(word.encode("utf-8")) % (vocab_size - RESERVED)
+    Weinberger et al. 2009), or with ``quotient_remainder`` modulo their square, an id that
+    :class:`Text` splits into two table rows. Unlike ``hash()``, CRC-32 is the same in every
+    process and on every machine, so a checkpoint's embeddings keep meaning the same words."""
+    buckets = vocab_size - RESERVED
+    return RESERVED + zlib.crc32(word.encode("utf-8")) % (buckets * buckets if quotient_remainder else buckets)
 
 
 def as_texts(value: Any, drop: Tensor | None, field: str, name: str) -> list[str]:
@@ -67,7 +69,12 @@ class Text(nn.Module):
     Tokens: ``"words"`` lower-cases the caption, splits it into words, numbers and
     punctuation and hashes each into ``vocab_size`` − 3 buckets (:func:`word_id`; the
     hashing trick of Weinberger et al. 2009, so there is no vocabulary file), ``"bytes"``
-    uses the UTF-8 bytes (ByT5, Xue et al. 2022). Each caption becomes a begin token, at
+    uses the UTF-8 bytes (ByT5, Xue et al. 2022). With ``quotient_remainder`` (the
+    default) a word's hash ranges over (``vocab_size`` − 3)² values and its embedding is the
+    sum of two rows, one per table, picked by the remainder and the quotient of the hash
+    (the compositional embedding of Shi et al. 2020): two words share an embedding only if
+    both rows coincide, about 1 in 16.7 million at the default size instead of 1 in 4,093
+    (plain hashing sent "blue" and "square" to one row). Each caption becomes a begin token, at
     most ``max_length`` − 2 tokens and an end token, padded to ``max_length``.
 
     Encoder: token plus learned position embeddings, ``layers`` pre-norm transformer
@@ -88,13 +95,16 @@ class Text(nn.Module):
         vocab_size: number of token ids of the ``"words"`` tokenizer, 3 reserved ones
             included (``"bytes"`` always uses 256 + 3).
         tokenizer: ``"words"`` (hashed words) or ``"bytes"`` (UTF-8 bytes).
+        quotient_remainder: two embedding tables indexed by the remainder and the quotient
+            of each word's hash (``"words"`` only); false: one table, one hash bucket per word.
         route: ``"tokens"`` (every position) or ``"vector"`` (the begin token).
         dropout: probability of replacing a caption by ``""`` while training.
     """
 
     def __init__(self, field: str = "caption", dim: int = 128, layers: int = 2, heads: int = 4,
                  max_length: int = 32, vocab_size: int = 4096, tokenizer: Literal["words", "bytes"] = "words",
-                 route: Literal["tokens", "vector"] = "tokens", dropout: float = 0.1) -> None:
+                 route: Literal["tokens", "vector"] = "tokens", dropout: float = 0.1,
+                 quotient_remainder: bool = True) -> None:
         super().__init__()
         if dim < 1 or heads < 1 or dim % heads:
             raise ConfigError(f"text: dim must be a positive multiple of heads; got dim={dim}, heads={heads}.")
@@ -112,8 +122,15 @@ class Text(nn.Module):
         self.max_length, self.tokenizer = max_length, tokenizer
         self.vocab_size = vocab_size if tokenizer == "words" else RESERVED + 256
         self.token_embedding = nn.Embedding(self.vocab_size, dim)
+        self.quotient_remainder = quotient_remainder and tokenizer == "words"
+        # The quotient's table; the reserved tokens take its zero padding row.
+        self.quotient_embedding = nn.Embedding(self.vocab_size, dim, padding_idx=PAD) if self.quotient_remainder else None
         self.position_embedding = nn.Parameter(torch.zeros(max_length, dim))
         nn.init.normal_(self.token_embedding.weight, std=0.02)  # as GPT-2 and CLIP (Radford et al. 2019, 2021)
+        if self.quotient_embedding is not None:
+            nn.init.normal_(self.quotient_embedding.weight, std=0.02)
+            with torch.no_grad():
+                self.quotient_embedding.weight[PAD].zero_()
         nn.init.normal_(self.position_embedding, std=0.01)
         block = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=0.0, activation="gelu",
                                            batch_first=True, norm_first=True)
@@ -131,15 +148,26 @@ class Text(nn.Module):
     def _token_ids(self, text: str) -> list[int]:
         if self.tokenizer == "bytes":
             return [RESERVED + b for b in text.encode("utf-8")]
-        return [word_id(w, self.vocab_size) for w in WORD.findall(text.lower())]
+        return [word_id(w, self.vocab_size, self.quotient_remainder) for w in WORD.findall(text.lower())]
 
     def forward(self, value: Any, drop: Tensor | None = None) -> Tensor:
         """Embed captions (a list of B strings); rows where ``drop`` is true are encoded as ``""``."""
         ids, mask = self.tokenize(as_texts(value, drop, self.field, "text"))
         ids, mask = ids.to(self.position_embedding.device), mask.to(self.position_embedding.device)
-        x = self.token_embedding(ids) + self.position_embedding
+        x = self.embed(ids) + self.position_embedding
         x = self.norm(self.encoder(x, src_key_padding_mask=~mask))
         return x if self.route == "tokens" else x[:, 0]
+
+    def embed(self, ids: Tensor) -> Tensor:
+        """Token embeddings (B, L, ``dim``) of ids from :meth:`tokenize`."""
+        if self.quotient_embedding is None:
+            return self.token_embedding(ids)
+        buckets = self.vocab_size - RESERVED
+        word = ids >= RESERVED
+        hashed = (ids - RESERVED).clamp(min=0)
+        remainder = torch.where(word, RESERVED + hashed % buckets, ids)
+        quotient = torch.where(word, RESERVED + hashed // buckets, torch.full_like(ids, PAD))
+        return self.token_embedding(remainder) + self.quotient_embedding(quotient)
 
     def null_value(self, n: int) -> list[str]:
         """``n`` empty captions."""

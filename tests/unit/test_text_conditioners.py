@@ -28,8 +28,9 @@ def text(**kw):  # noqa: ANN003, ANN201
     return unfog.create("conditioner", "text", **{"dim": 16, "heads": 2, "max_length": 12, **kw})
 
 
-def crc_id(word: str, vocab_size: int) -> int:
-    return RESERVED + zlib.crc32(word.encode()) % (vocab_size - RESERVED)
+def crc_id(word: str, vocab_size: int, quotient_remainder: bool = True) -> int:
+    buckets = vocab_size - RESERVED
+    return RESERVED + zlib.crc32(word.encode()) % (buckets * buckets if quotient_remainder else buckets)
 
 
 # --- text: tokenizer ---------------------------------------------------------------------------
@@ -70,6 +71,27 @@ def test_long_captions_are_cut_and_short_ones_padded():
     ids, mask = text(max_length=4).tokenize(["one two three four", ""])
     assert ids.tolist() == [[BEGIN, crc_id("one", 4096), crc_id("two", 4096), END], [BEGIN, END, PAD, PAD]]
     assert mask.tolist() == [[True] * 4, [True, True, False, False]]
+
+
+def test_plain_hashing_is_one_bucket_per_word():
+    ids, _ = text(vocab_size=1000, quotient_remainder=False).tokenize(["red cats"])
+    assert ids.tolist()[0][1:3] == [crc_id("red", 1000, False), crc_id("cats", 1000, False)]
+
+
+def test_quotient_remainder_separates_words_that_plain_hashing_merges():
+    # crc32 sends "blue" and "square" to one of 4,093 buckets: one embedding for both words.
+    assert crc_id("blue", 4096, False) == crc_id("square", 4096, False)
+    plain, qr = text(vocab_size=4096, quotient_remainder=False), text(vocab_size=4096)
+    with torch.no_grad():
+        def embedding(c, word):  # noqa: ANN001, ANN202
+            ids, _ = c.tokenize([word])
+            return c.embed(ids)[0, 1]
+
+        assert torch.equal(embedding(plain, "blue"), embedding(plain, "square"))
+        assert not torch.allclose(embedding(qr, "blue"), embedding(qr, "square"))
+        # the reserved tokens read only the remainder table (the quotient table's row 0 is zero)
+        ids, _ = qr.tokenize([""])
+        assert torch.equal(qr.embed(ids)[0, :2], qr.token_embedding(ids)[0, :2])
 
 
 def test_bytes_tokenizer_reads_utf8():
@@ -143,7 +165,9 @@ def test_learns_to_tell_red_from_blue():
         opt.zero_grad()
         loss.backward()
         if step == 0:  # gradients reach the word embeddings and every transformer weight
-            assert enc.token_embedding.weight.grad[crc_id("red", 4096)].abs().sum() > 0
+            red = crc_id("red", 4096) - RESERVED
+            assert enc.token_embedding.weight.grad[RESERVED + red % 4093].abs().sum() > 0
+            assert enc.quotient_embedding.weight.grad[RESERVED + red // 4093].abs().sum() > 0
             assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.encoder.parameters())
         opt.step()
     assert loss.item() < 0.05
