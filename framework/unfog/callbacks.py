@@ -73,6 +73,21 @@ class SampleGrid(L.Callback):
         finally:
             model.train(was_training)
 
+    def samples(self, trainer: L.Trainer, pl_module: Any, n: int, seed: int,
+                examples: Mapping[str, Any] | None) -> tuple[torch.Tensor, dict[str, Any] | None]:
+        """``n`` samples of the EMA model with this grid's sampler and guidance, drawn in shares
+        by every process and gathered on each, and the conditioning values they were drawn for
+        (labels in turn; other fields from the rows ``examples``)."""
+        model = pl_module.ema.module
+        values = default_values(model, n, examples) if len(model.conditioners) else None
+        indices = shard(n, trainer.global_rank, trainer.world_size)
+        part = generate(model, pl_module.schedule, self.sampler, pl_module.prediction, self.data_shape,
+                        indices, seed=seed, values=select(values, indices), guidance=self.guidance,
+                        clip=self.clip, batch_size=self.batch_size, device=pl_module.device,
+                        sigma_data=pl_module.sigma_data, guidance_rescale=self.guidance_rescale,
+                        guidance_interval=self.guidance_interval)
+        return gather(part, indices, n), values
+
     def draw(self, trainer: L.Trainer, pl_module: Any) -> Path | None:
         """Draw the grid for the current step, shared out across processes; rank 0 saves
         ``step_NNNNNNN.png`` and ``.npz`` and logs the picture. Every sample has its own noise
@@ -81,23 +96,14 @@ class SampleGrid(L.Callback):
         if step == self.last_step or self.num_samples <= 0:
             return self.last_path
         self.last_step = step
-        model = pl_module.ema.module
-        n = self.num_samples
-        values = default_values(model, n, self.examples) if len(model.conditioners) else None
-        indices = shard(n, trainer.global_rank, trainer.world_size)
-        part = generate(model, pl_module.schedule, self.sampler, pl_module.prediction, self.data_shape,
-                        indices, seed=self.seed, values=select(values, indices), guidance=self.guidance,
-                        clip=self.clip, batch_size=self.batch_size, device=pl_module.device,
-                        sigma_data=pl_module.sigma_data, guidance_rescale=self.guidance_rescale,
-                        guidance_interval=self.guidance_interval)
-        samples = gather(part, indices, n)
+        samples, _ = self.samples(trainer, pl_module, self.num_samples, self.seed, self.examples)
         if not trainer.is_global_zero:
             return None
         self.out_dir.mkdir(parents=True, exist_ok=True)
         np.savez(self.out_dir / f"step_{step:07d}.npz", samples=samples.numpy())
         if self.sample_rate and is_audio(self.data_shape):  # sound: one WAV per sample
             write_wavs(samples, self.sample_rate, self.out_dir / f"step_{step:07d}")
-        nrow = _classes(model) or None
+        nrow = _classes(pl_module.ema.module) or None
         pic = picture(samples, nrow, self.data_range)
         if pic is None:
             return None
@@ -105,6 +111,68 @@ class SampleGrid(L.Callback):
         if trainer.logger:
             log_picture(trainer.logger, "samples", pic, step)
         return self.last_path
+
+
+class MetricCallback(L.Callback):
+    """Every ``every_n_steps`` optimizer steps and at the end, scores ``num_samples`` samples of
+    the EMA model (drawn with the sample grid's sampler and guidance, shared out across
+    processes) with ``metrics``, logs them as ``eval/METRIC/VALUE`` and appends them to
+    ``evaluation.jsonl``. Metrics that take a reference get the training data once, on the
+    first process, before training starts."""
+
+    def __init__(self, metrics: Mapping[str, Any], grid: SampleGrid, out_file: Path, every_n_steps: int = 1000,
+                 num_samples: int = 256, seed: int = 0, examples: Mapping[str, Any] | None = None,
+                 reference: tuple[Any, Mapping[str, Any]] | None = None) -> None:
+        self.metrics = dict(metrics)
+        self.grid = grid
+        self.out_file = Path(out_file)
+        self.every = every_n_steps
+        self.num_samples = num_samples
+        self.seed = seed
+        self.examples = examples
+        self.reference = reference
+        self.last_step = -1
+        self.results: dict[str, dict[str, float]] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        from unfog.evaluation import set_references
+
+        if trainer.is_global_zero and self.reference is not None:
+            set_references(self.metrics, *self.reference)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every > 0 and step > 0 and step % self.every == 0:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.evaluate(trainer, pl_module)
+
+    def evaluate(self, trainer: L.Trainer, pl_module: Any) -> dict[str, dict[str, float]]:
+        """Score the current EMA model; every process returns the first process's results."""
+        import json
+
+        from unfog.evaluation import flat, score
+        from unfog.run import captions_of, labels_of
+
+        step = trainer.global_step
+        if step == self.last_step or self.num_samples <= 0:
+            return self.results
+        self.last_step = step
+        samples, values = self.grid.samples(trainer, pl_module, self.num_samples, self.seed, self.examples)
+        results: dict[str, dict[str, float]] = {}
+        if trainer.is_global_zero:
+            model = pl_module.ema.module
+            results = score(self.metrics, samples, labels_of(model, values), captions_of(model, values))
+            if trainer.logger:
+                trainer.logger.log_metrics(flat(results, "eval/"), step=step)
+            self.out_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.out_file, "a") as f:
+                f.write(json.dumps({"step": step, "num_samples": self.num_samples, "results": results}) + "\n")
+        results = trainer.strategy.broadcast(results, src=0)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in flat(results, "eval/").items()})
+        self.results = results
+        return results
 
 
 def _classes(model: Any) -> int | None:

@@ -115,8 +115,11 @@ def package_of(kind: str, name: str) -> str | None:
     """Where a chosen option lands in the composed config. A model takes any number of
     conditioners, so ``conditioner=text`` fills ``conditioners.text`` and
     ``conditioner=[text,scalar]`` fills both; ``+conditioner@conditioners.KEY=NAME`` adds one
-    under a key of the user's choosing (two of the same kind, for example)."""
-    return f"conditioners.{name}" if kind == "conditioner" else None
+    under a key of the user's choosing (two of the same kind, for example). Metrics likewise:
+    ``metric=[fid,kid]`` fills ``metrics.fid`` and ``metrics.kid``."""
+    if kind == "conditioner":
+        return f"conditioners.{name}"
+    return f"metrics.{name}" if kind == "metric" else None
 
 
 DIRNAME_MAX = 100

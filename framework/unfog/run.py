@@ -186,7 +186,8 @@ def train(cfg: Mapping[str, Any], run_dir: Path, sweep: Mapping[str, str] | None
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    from unfog.callbacks import AtomicCheckpointIO, SampleGrid, StepProgressBar
+    from unfog.callbacks import AtomicCheckpointIO, MetricCallback, SampleGrid, StepProgressBar
+    from unfog.evaluation import build_metrics
     from unfog.loggers import build_logger
     from unfog.sampling import dataset_examples
     from unfog.training import DiffusionModule
@@ -238,6 +239,13 @@ def train(cfg: Mapping[str, Any], run_dir: Path, sweep: Mapping[str, str] | None
                         every_n_train_steps=cfg["checkpoint"]["every_n_steps"]),
         grid,
     ]
+    metrics = build_metrics(cfg.get("metrics"))  # a bad metric config fails before training
+    if metrics:
+        ev = cfg["evaluation"]
+        callbacks.append(MetricCallback(metrics, grid, run_dir / "evaluation.jsonl", ev["every_n_steps"],
+                                        ev["num_samples"], ev["seed"],
+                                        examples=dataset_examples(dataset, ev["num_samples"], model.fields),
+                                        reference=(dataset, plain(cfg["dataset"]))))
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg["trainer"].get("enable_progress_bar", True) is not False:
@@ -353,7 +361,7 @@ class SampleResult:
     labels: torch.Tensor | None
     grid: Path | None
     npz: Path
-    metrics: dict[str, float] | None
+    metrics: dict[str, dict[str, float]] | None  # {metric: {value name: value}}
 
 
 def sample(cfg: Mapping[str, Any], out_dir: Path) -> SampleResult:
@@ -361,15 +369,16 @@ def sample(cfg: Mapping[str, Any], out_dir: Path) -> SampleResult:
     import numpy as np
 
     from unfog.audio import is_audio, write_wavs
+    from unfog.evaluation import build_metrics, score
     from unfog.images import picture, save_png
     from unfog.sampling import generate
 
     model, schedule, meta = load_checkpoint(cfg["checkpoint"], cfg["use_ema"])
     sampler = build("sampler", cfg["sampler"])
-    metric = build("metric", cfg["metric"]) if cfg.get("metric") is not None else None
+    metrics = build_metrics(cfg.get("metrics"))
     wiring = meta["wiring"]
     n = int(cfg["num_samples"])
-    device = _device(cfg["device"])
+    device = device_of(cfg["device"])
     model.to(device)
     values = sample_values(model, n, cfg)
     guidance = plain(cfg["guidance"])
@@ -380,7 +389,7 @@ def sample(cfg: Mapping[str, Any], out_dir: Path) -> SampleResult:
                        batch_size=cfg["batch_size"], device=device, sigma_data=meta["config"].get("sigma_data"),
                        progress=True, guidance_rescale=cfg.get("guidance_rescale", 0.0),
                        guidance_interval=plain(cfg.get("guidance_interval")))
-    labels, captions = _labels(model, values), _captions(model, values)
+    labels, captions = labels_of(model, values), captions_of(model, values)
     out_dir.mkdir(parents=True, exist_ok=True)
     npz = out_dir / "samples.npz"
     arrays = {"samples": samples.numpy()} | ({"labels": labels.numpy()} if labels is not None else {})
@@ -393,17 +402,15 @@ def sample(cfg: Mapping[str, Any], out_dir: Path) -> SampleResult:
         write_wavs(samples, int(wiring["sample_rate"]), out_dir / "wav")
     if captions is not None:
         (out_dir / "prompts.txt").write_text("".join(f"{k}\t{c}\n" for k, c in enumerate(captions)))
-    metrics = None
-    if metric is not None:
-        extra = {"captions": captions} if captions is not None and _accepts(metric.update, "captions") else {}
-        metric.update(generated=samples, labels=labels, **extra)
-        metrics = metric.compute()
-        record = {"metric": plain(cfg["metric"]), "result": metrics, "sampler": plain(cfg["sampler"]),
+    results = None
+    if metrics:
+        results = score(metrics, samples, labels, captions)
+        record = {"results": results, "metrics": plain(cfg["metrics"]), "sampler": plain(cfg["sampler"]),
                   "guidance": guidance, "guidance_rescale": cfg.get("guidance_rescale", 0.0),
                   "guidance_interval": plain(cfg.get("guidance_interval")), "num_samples": n,
                   "seed": cfg["seed"], "checkpoint": str(cfg["checkpoint"]), "unfog": unfog.__version__}
         (out_dir / "metrics.json").write_text(json.dumps(record, indent=2))
-    return SampleResult(samples, labels, grid, npz, metrics)
+    return SampleResult(samples, labels, grid, npz, results)
 
 
 def is_text(conditioner: Any) -> bool:
@@ -471,27 +478,21 @@ def sample_values(model: DiffusionModel, n: int, cfg: Mapping[str, Any]) -> dict
     return values
 
 
-def _labels(model: DiffusionModel, values: Mapping[str, Any] | None) -> torch.Tensor | None:
+def labels_of(model: DiffusionModel, values: Mapping[str, Any] | None) -> torch.Tensor | None:
     for c in model.conditioners.values():
         if getattr(c, "num_classes", None) and values and c.field in values:
             return torch.as_tensor(values[c.field])
     return None
 
 
-def _captions(model: DiffusionModel, values: Mapping[str, Any] | None) -> list[str] | None:
+def captions_of(model: DiffusionModel, values: Mapping[str, Any] | None) -> list[str] | None:
     for c in model.conditioners.values():
         if is_text(c) and values and c.field in values:
             return list(values[c.field])
     return None
 
 
-def _accepts(fn: Any, name: str) -> bool:
-    import inspect
-
-    return name in inspect.signature(fn).parameters
-
-
-def _device(name: str) -> torch.device:
+def device_of(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

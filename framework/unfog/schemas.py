@@ -1,4 +1,4 @@
-"""Typed schemas of the configs that are not components: the root train, sample and export
+"""Typed schemas of the configs that are not components: the root train, sample, evaluate and export
 configs and the Lightning trainer. Unknown keys and wrong types fail at compose time."""
 
 from __future__ import annotations
@@ -64,6 +64,17 @@ class LossConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """Metrics (``metric=[...]``) computed while training on samples drawn with the EMA weights,
+    the sampler and the guidance of ``sampling``, shared out across processes."""
+
+    every_n_steps: int = 1000  # and at the end of training; 0: only at the end
+    num_samples: int = 256
+    seed: int = 0
+    batch_size: int = 256
+
+
+@dataclass
 class CheckpointConfig:
     """How often ``last.ckpt`` is refreshed (it is always written at the end too)."""
 
@@ -79,6 +90,7 @@ class TrainConfig:
     schedule: Any = MISSING
     sampler: Any = MISSING
     conditioners: dict[str, Any] = field(default_factory=dict)  # key -> conditioner node
+    metrics: dict[str, Any] = field(default_factory=dict)  # name -> metric node, scored while training
     trainer: Any = MISSING
     logger: Any = None
     prediction: str = "eps"
@@ -91,6 +103,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
@@ -100,7 +113,7 @@ class SampleConfig:
 
     checkpoint: str = MISSING
     sampler: Any = MISSING
-    metric: Any = None
+    metrics: dict[str, Any] = field(default_factory=dict)  # name -> metric node (metric=NAME or [A,B])
     num_samples: int = 64
     batch_size: int = 256
     guidance: Any = 1.0  # one scale for every conditioner, or {conditioner: scale}
@@ -111,6 +124,31 @@ class SampleConfig:
     prompt: str | None = None  # for a text-conditioned model: one prompt for every sample
     prompts: str | None = None  # a text file, one prompt per line, cycled over the samples
     values: str | None = None  # an .npz of batch fields (e.g. x: images to upscale), cycled over the samples
+    clip: bool = True
+    device: str = "auto"
+    output_dir: str | None = None
+    use_ema: bool = True
+
+
+@dataclass
+class EvaluateConfig:
+    """Root of ``unfog evaluate``: samples from a checkpoint scored by metrics, with the protocol
+    (sampler, seeds, guidance, extractor and reference hashes, versions) written beside."""
+
+    checkpoint: str = MISSING
+    sampler: Any = MISSING
+    metrics: dict[str, Any] = field(default_factory=dict)  # name -> metric node
+    dataset: Any = None  # the reference data; None: the checkpoint's training dataset
+    num_samples: int = 10000
+    batch_size: int = 256
+    guidance: Any = 1.0
+    guidance_rescale: float = 0.0
+    guidance_interval: list[float] | None = None
+    seed: int = 0
+    labels: list[int] | None = None
+    prompt: str | None = None
+    prompts: str | None = None
+    values: str | None = None
     clip: bool = True
     device: str = "auto"
     output_dir: str | None = None
@@ -159,4 +197,5 @@ def register_static_schemas(cs: Any) -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="sample_schema", node=SampleConfig)
     cs.store(name="export_schema", node=ExportConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(group="trainer", name="trainer_schema", node=trainer_schema())

@@ -153,7 +153,7 @@ def test_text_and_image_conditioned_model_trains_reloads_and_samples_from_prompt
     assert out.samples.shape == (5, 3, 16, 16) and torch.isfinite(out.samples).all()
     written = np.load(out.npz)
     assert list(written["captions"]) == ["a red circle", "two blue squares"] * 2 + ["a red circle"]
-    assert out.metrics is not None and out.metrics["n"] == 5  # the checker scored against the prompts
+    assert out.metrics is not None and out.metrics["shapes_checker"]["n"] == 5  # the checker scored against the prompts
     one = sample(_cfg(*common, "prompt=a green triangle at the bottom", "guidance=3", name="sample"), tmp_path / "b")
     assert set(np.load(one.npz)["captions"]) == {"a green triangle at the bottom"}
 

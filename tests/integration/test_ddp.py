@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,8 @@ def _train(tmp: Path, name: str, *overrides: str) -> Path:
 
 
 def test_ddp_trains_draws_the_same_grid_as_one_process_and_resumes_exactly(tmp_path: Path) -> None:
-    first = _train(tmp_path, "first", "trainer.max_steps=4")
+    first = _train(tmp_path, "first", "trainer.max_steps=4", "metric=digits_classifier",
+                   "evaluation.every_n_steps=2", "evaluation.num_samples=10")
     ckpt = torch.load(first / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4 and int(ckpt["state_dict"]["batches_seen"]) == 4
 
@@ -38,6 +40,15 @@ def test_ddp_trains_draws_the_same_grid_as_one_process_and_resumes_exactly(tmp_p
                      seed=cfg["sampling"]["seed"], values={"label": torch.arange(10) % 10},
                      guidance=cfg["sampling"]["guidance"], clip=tuple(meta["wiring"]["data_range"]))
     np.testing.assert_allclose(drawn, alone.numpy(), atol=1e-5, rtol=0)
+
+    # Metrics while training: the two processes' shares, scored once, at steps 2 and 4, are
+    # the score of the samples one process draws (evaluation.seed = sampling.seed = 0 here).
+    lines = [json.loads(line) for line in (first / "evaluation.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4]
+    expected = unfog.create("metric", "digits_classifier")
+    expected.update(generated=alone, labels=torch.arange(10) % 10)
+    assert lines[-1]["results"]["digits_classifier"] == expected.compute()
+    assert "eval/digits_classifier/accuracy" in (first / "csv" / "metrics.csv").read_text()
 
     # Resumed under DDP, the run ends where an uninterrupted DDP run ends.
     resumed = _train(tmp_path, "resumed", "trainer.max_steps=6", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}")
