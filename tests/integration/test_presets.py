@@ -39,3 +39,17 @@ def test_preset_composes_and_validates(group: str, name: str) -> None:
 def test_every_config_group_has_presets() -> None:
     for group in GROUPS:
         assert list((Path(conf_dir()) / group).glob("*.yaml")), group
+
+
+IMAGE_EXPERIMENTS = ["digits", "digits_inpaint", "shapes", "shapes_sr", "shapes_text"]
+
+
+@pytest.mark.parametrize("experiment", IMAGE_EXPERIMENTS)
+@pytest.mark.parametrize("backbone", ["unet_tiny", "dit_tiny"])
+def test_image_experiments_take_any_image_backbone(experiment: str, backbone: str) -> None:
+    """An experiment sets what its data needs, not fields of one backbone: swapping the backbone works."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"experiment={experiment}", f"backbone={backbone}"])
+    validate(cfg)
+    assert cfg.backbone._name_ == ("dit" if backbone == "dit_tiny" else "unet")
