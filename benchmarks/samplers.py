@@ -40,6 +40,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+# The distances are the `sliced_wasserstein` and `mmd` metrics' own functions (one implementation).
+from unfog_metrics.toy2d_metrics import median_distance, mmd2, sliced_w2
+
 ROOT = Path(__file__).resolve().parents[1]
 NFE_TARGETS = (5, 10, 20, 50, 100, 1000)
 REFERENCE = "ddpm"  # the reference sampler, at 1000 evaluations
@@ -59,56 +62,6 @@ VARIANTS: dict[str, list[dict[str, Any]]] = {
 
 
 # ---------------------------------------------------------------------------- distances
-
-
-def sliced_w2(x: Tensor, y: Tensor, projections: int = 512, seed: int = 0) -> float:
-    """Sliced Wasserstein-2 distance between two equal-size point sets (rows; any shape after).
-
-    √(mean over ``projections`` random unit directions θ of W2²(θ·x, θ·y)), each 1-D W2²
-    exact by sorting (Bonneel et al. 2015, Sec. 2.2; Kolouri et al. 2019).
-    """
-    x, y = _flat(x), _flat(y)
-    if x.shape != y.shape:
-        raise ValueError(f"sliced_w2 needs two sets of the same size and dimension; got {x.shape} and {y.shape}.")
-    g = torch.Generator().manual_seed(seed)
-    theta = torch.randn(x.shape[1], projections, generator=g, dtype=torch.float64)
-    theta = theta / theta.norm(dim=0, keepdim=True)
-    px = (theta.T @ x.T).sort(dim=1).values  # projections × points; sorting rows is the fast direction
-    py = (theta.T @ y.T).sort(dim=1).values
-    return float(((px - py) ** 2).mean().sqrt())
-
-
-def median_distance(x: Tensor, max_points: int = 2000) -> float:
-    """The median pairwise Euclidean distance within ``x`` (on at most ``max_points`` rows)."""
-    x = _flat(x)[:max_points]
-    d = torch.cdist(x, x)
-    return float(d[torch.triu_indices(len(x), len(x), 1).unbind()].median())
-
-
-def mmd2(x: Tensor, y: Tensor, bandwidths: Sequence[float]) -> float:
-    """Unbiased squared MMD (Gretton et al. 2012, Eq. 3) with the mean of RBF kernels
-    k(a, b) = exp(−|a − b|² / (2h²)) over the ``bandwidths`` h."""
-    x, y = _flat(x), _flat(y)
-    return _mmd2_terms(x, bandwidths) - 2 * _kernel_mean(x, y, bandwidths) + _mmd2_terms(y, bandwidths)
-
-
-def _mmd2_terms(x: Tensor, bandwidths: Sequence[float]) -> float:
-    """Mean of k(x_i, x_j) over i ≠ j."""
-    n = len(x)
-    total = _kernel_mean(x, x, bandwidths) * n * n
-    return (total - n) / (n * (n - 1))  # the diagonal is k = 1 for every bandwidth
-
-
-def _kernel_mean(x: Tensor, y: Tensor, bandwidths: Sequence[float], block: int = 2048) -> float:
-    total = 0.0
-    for start in range(0, len(x), block):
-        d2 = torch.cdist(x[start : start + block], y).square_()
-        total += sum(float(torch.exp(-d2 / (2 * h * h)).sum()) for h in bandwidths) / len(bandwidths)
-    return total / (len(x) * len(y))
-
-
-def _flat(x: Tensor) -> Tensor:
-    return x.reshape(len(x), -1).to(torch.float64)
 
 
 class Distances:

@@ -24,6 +24,25 @@ from unfog.errors import ConfigError
 from unfog.protocols import Metric
 
 
+def with_extractor(nodes: Mapping[str, Any] | None, extractor: str | None,
+                   weights: str | None) -> dict[str, Any]:
+    """Metric nodes with ``extractor`` and ``weights`` set in every metric that has those fields
+    (``extractor=classifier extractor_weights=DIR`` instead of one pair per metric)."""
+    from unfog import registry
+    from unfog.config import NAME_KEY, params_of
+
+    out = {}
+    for name, node in (plain(nodes) or {}).items():
+        node = dict(node)
+        fields = {p.name for p in params_of(registry.get("metric", node[NAME_KEY]).obj)}
+        if extractor is not None and "extractor" in fields:
+            node["extractor"] = extractor
+        if weights is not None and "weights" in fields:
+            node["weights"] = weights
+        out[name] = node
+    return out
+
+
 def build_metrics(nodes: Mapping[str, Any] | None) -> dict[str, Metric]:
     """The metrics of a ``metrics: {NAME: node}`` config section, built in order."""
     return {name: build("metric", node) for name, node in (plain(nodes) or {}).items() if node is not None}
@@ -131,7 +150,8 @@ def evaluate(cfg: Mapping[str, Any], out_dir: Path) -> EvaluateResult:
     if tuple(dataset.data_shape) != tuple(wiring["data_shape"]):
         raise ConfigError(f"the reference dataset {dataset_cfg.get('_name_')} gives shape {tuple(dataset.data_shape)} "
                           f"but the model generates {tuple(wiring['data_shape'])}; choose a matching dataset=.")
-    metrics = build_metrics(cfg["metrics"])
+    nodes = with_extractor(cfg["metrics"], cfg.get("extractor"), cfg.get("extractor_weights"))
+    metrics = build_metrics(nodes)
     sampler = build("sampler", cfg["sampler"])
     n = int(cfg["num_samples"])
     if n < 1:
@@ -177,7 +197,7 @@ def evaluate(cfg: Mapping[str, Any], out_dir: Path) -> EvaluateResult:
             "clip": bool(clip),
             "conditioning": _conditioning_record(model, cfg),
             "reference_dataset": dataset_cfg,
-            "metrics": protocols(metrics, cfg["metrics"]),
+            "metrics": protocols(metrics, nodes),
             "versions": {**versions({}), **meta.get("versions", {}), "unfog": unfog.__version__},
             "plugins": {p.distribution: p.version for p in unfog.plugins() if p.distribution},
             "device": str(device),

@@ -138,6 +138,8 @@ class EvaluateConfig:
     checkpoint: str = MISSING
     sampler: Any = MISSING
     metrics: dict[str, Any] = field(default_factory=dict)  # name -> metric node
+    extractor: str | None = None  # sets metrics.*.extractor of every metric that has one
+    extractor_weights: str | None = None  # sets metrics.*.weights likewise (e.g. a train-classifier folder)
     dataset: Any = None  # the reference data; None: the checkpoint's training dataset
     num_samples: int = 10000
     batch_size: int = 256

@@ -6,6 +6,7 @@ it is registered; only its test-size arguments may need an entry in ``KWARGS``.
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,45 @@ def _tones_inputs(self: Any) -> dict[str, Any]:
     return {"generated": batch["x"], "real": torch.randn(6, 1, 4096, generator=torch.Generator().manual_seed(0)) * 0.3}
 
 
+def _feature_metric_kwargs() -> dict[str, Any]:
+    """A tiny feature extractor standing in for Inception (whose weights cannot be downloaded here)."""
+    from torch import nn
+    from unfog_metrics.features import module_extractor
+
+    torch.manual_seed(0)
+    features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    logits = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 5))
+    return dict(extractor=module_extractor(features, "contract", logits_module=logits), device="cpu")
+
+
+def _image_pair_inputs(self: Any) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(0)
+    return {"generated": torch.rand(12, 3, 8, 8, generator=g) * 2 - 1,
+            "real": torch.rand(12, 3, 8, 8, generator=g) * 2 - 1}
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny_classifier() -> str:
+    """A digits classifier trained for 5 steps: enough to load and run, not to be accurate."""
+    from unfog_metrics.classifier import train_classifier
+
+    out = Path(tempfile.mkdtemp(prefix="unfog-contract-classifier-"))
+    train_classifier({"dataset": {"_name_": "digits"}, "steps": 5, "width": 4, "feature_dim": 16, "device": "cpu"}, out)
+    return str(out)
+
+
+def _points_inputs(self: Any) -> dict[str, Any]:
+    from unfog_datasets.toy2d import sample_toy2d
+
+    return {"generated": sample_toy2d("two_moons", 200, 1), "real": sample_toy2d("two_moons", 300, 2)}
+
+
+FEATURE_METRICS = ("fid", "kid", "inception_score", "precision_recall")
+
 KWARGS: dict[tuple[str, str], Any] = {
+    **{("metric", n): _feature_metric_kwargs for n in FEATURE_METRICS},
+    ("metric", "class_accuracy"): lambda: dict(weights=_tiny_classifier(), device="cpu"),
+    ("metric", "sliced_wasserstein"): dict(projections=64),
     ("backbone", "unet"): dict(channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
                                groups=8, dropout=0.0),
     ("backbone", "mlp"): dict(hidden=32, depth=2, time_dim=16),
@@ -93,6 +132,10 @@ def _shapes_inputs(self: Any) -> dict[str, Any]:
 
 
 EXTRA: dict[tuple[str, str], dict[str, Any]] = {
+    **{("metric", n): {"inputs": _image_pair_inputs} for n in FEATURE_METRICS},
+    ("metric", "class_accuracy"): {"inputs": _digits_inputs},
+    ("metric", "sliced_wasserstein"): {"inputs": _points_inputs},
+    ("metric", "mmd"): {"inputs": _points_inputs},
     ("metric", "digits_classifier"): {"inputs": _digits_inputs},
     ("metric", "shapes_checker"): {"inputs": _shapes_inputs},
     ("metric", "tones_spectrum"): {"inputs": _tones_inputs},

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -33,24 +35,43 @@ def test_training_scores_the_ema_model_every_n_steps_and_at_the_end(trained: Pat
     assert {"eval/digits_classifier/accuracy", "eval/digits_classifier/per_class_min"} <= set(logged)
 
 
-def test_evaluate_writes_results_with_the_whole_protocol(trained: Path, tmp_path: Path) -> None:
-    ckpt = trained / "checkpoints" / "last.ckpt"
-    out = run("evaluate", f"checkpoint={ckpt}", "metric=digits_classifier", "num_samples=20", "sampler=ddpm",
-              "sampler.steps=4", "guidance=2", "seed=3", f"output_dir={tmp_path}", cwd=tmp_path)
-    record = json.loads((tmp_path / "evaluation.json").read_text())
-    result = record["results"]["digits_classifier"]
-    assert set(result) == {"accuracy", "per_class_min", "n"} and result["n"] == 20
-    p = record["protocol"]
-    assert p["num_samples"] == 20 and p["seed"] == 3 and p["guidance"] == 2
-    assert p["sampler"]["_name_"] == "ddpm" and p["sampler"]["steps"] == 4 and p["weights"] == "ema"
-    assert p["reference_dataset"]["_name_"] == "digits" and p["versions"]["unfog"] and p["versions"]["torch"]
-    assert len(p["checkpoint_sha256"]) == 64 and p["metrics"]["digits_classifier"]["config"]["_name_"]
-    assert "digits_classifier" in out.stdout and "accuracy" in out.stdout  # the printed table
+ALL = "metric=digits_classifier,fid,kid,precision_recall,inception_score,class_accuracy"
 
-    # The same protocol gives the same numbers (every sample has its own seeded noise).
-    cfg = _cfg(f"checkpoint={ckpt}", "metric=digits_classifier", "num_samples=20", "sampler=ddpm",
-               "sampler.steps=4", "guidance=2", "seed=3")
-    assert evaluate(cfg, tmp_path / "again").results == record["results"]
+
+def test_evaluate_writes_results_with_the_whole_protocol(trained: Path, tmp_path: Path) -> None:
+    # An in-domain feature extractor, trained by unfog, stands in for Inception (no download here).
+    cache = {"UNFOG_CACHE": str(tmp_path / "cache")}
+    run("train-classifier", "steps=20", "width=4", f"output_dir={tmp_path / 'cls'}", cwd=tmp_path)
+    ckpt = trained / "checkpoints" / "last.ckpt"
+    common = [f"checkpoint={ckpt}", "num_samples=30", "sampler=ddpm", "sampler.steps=4", "guidance=2", "seed=3",
+              "extractor=classifier", f"extractor_weights={tmp_path / 'cls'}"]
+    out = run("evaluate", *common, ALL, f"output_dir={tmp_path / 'first'}", cwd=tmp_path, env=cache)
+    record = json.loads((tmp_path / "first" / "evaluation.json").read_text())
+    r = record["results"]
+    assert r["digits_classifier"]["n"] == r["class_accuracy"]["n"] == 30
+    assert r["fid"]["fid"] > 0 and r["kid"]["kid_std"] >= 0 and 0 <= r["precision_recall"]["recall"] <= 1
+    assert 1 <= r["inception_score"]["inception_score"] <= 10
+    p = record["protocol"]
+    assert p["num_samples"] == 30 and p["seed"] == 3 and p["guidance"] == 2 and p["weights"] == "ema"
+    assert p["sampler"]["_name_"] == "ddpm" and p["sampler"]["steps"] == 4
+    assert p["reference_dataset"]["_name_"] == "digits" and p["versions"]["unfog"] and p["versions"]["torch"]
+    assert len(p["checkpoint_sha256"]) == 64
+    fid = p["metrics"]["fid"]
+    weights = (tmp_path / "cls" / "classifier.safetensors").read_bytes()
+    assert fid["feature_extractor"]["weights_sha256"] == hashlib.sha256(weights).hexdigest()
+    assert fid["reference"]["source"] == "dataset" and fid["reference"]["cached"] is False
+    assert "inception_score" in out.stdout and "precision" in out.stdout  # the printed table
+
+    # The same protocol gives the same numbers (every sample has its own seeded noise), and the
+    # reference features computed by the first run are read back from the cache.
+    os.environ["UNFOG_CACHE"] = cache["UNFOG_CACHE"]
+    try:
+        again = evaluate(_cfg(*common, "metric=[digits_classifier,fid,kid,precision_recall,inception_score,"
+                                       "class_accuracy]"), tmp_path / "again")
+    finally:
+        del os.environ["UNFOG_CACHE"]
+    assert again.results == record["results"]
+    assert again.record["protocol"]["metrics"]["fid"]["reference"]["cached"] is True
 
 
 def test_evaluate_without_a_metric_says_how_to_choose_one(trained: Path, tmp_path: Path) -> None:
