@@ -489,31 +489,44 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def _panel(draw: Any, box: tuple[int, int, int, int], name: str, res: dict[str, Any], colors: dict[str, str],
            font: Any, small: Any) -> None:
-    left, top, w, h = box
-    ml, mr, mt, mb = 70, 15, 40, 55
     runs = [r for r in res["runs"] if "sw2" in r and math.isfinite(r["sw2"])]
     if not runs:
         return
     ref = reference_run(res)
-    floor = res["floor"]["sw2"]
-    xs = [r["nfe"] for r in runs]
-    ys = [r["sw2"] for r in runs] + [floor]
+    lines = {label: [(r["nfe"], r["sw2"]) for r in runs if r["sampler"] == label] for label in colors}
+    marks = ([(ref["sw2"], 10)] if ref is not None else []) + [(res["floor"]["sw2"], 3)]
+    log_panel(draw, box, f"{name}: sliced W2 to the true data", "function evaluations (log)",
+              sorted({r["target_nfe"] for r in runs}), lines, colors, marks, font, small)
+
+
+def log_panel(draw: Any, box: tuple[int, int, int, int], title: str, xlabel: str, xticks: Sequence[float],
+              lines: dict[str, list[tuple[float, float]]], colors: dict[str, str],
+              marks: Sequence[tuple[float, int]], font: Any, small: Any) -> None:
+    """A log-log panel: one polyline per label of ``lines`` ((x, y) points, y > 0) and dashed
+    horizontal ``marks`` (value, dash length)."""
+    left, top, w, h = box
+    ml, mr, mt, mb = 70, 15, 40, 55
+    points = [p for pts in lines.values() for p in pts if p[1] > 0 and math.isfinite(p[1])]
+    if not points:
+        return
+    xs = [x for x, _ in points] + list(xticks)
+    ys = [y for _, y in points] + [v for v, _ in marks if v > 0]
     lx0, lx1 = math.log10(min(xs)) - 0.1, math.log10(max(xs)) + 0.1
     ly0, ly1 = math.log10(min(ys)) - 0.1, math.log10(max(ys)) + 0.1
     X0, X1, Y0, Y1 = left + ml, left + w - mr, top + h - mb, top + mt
 
-    def px(nfe: float) -> float:
-        return X0 + (math.log10(nfe) - lx0) / (lx1 - lx0) * (X1 - X0)
+    def px(x: float) -> float:
+        return X0 + (math.log10(x) - lx0) / (lx1 - lx0) * (X1 - X0)
 
     def py(v: float) -> float:
         return Y0 + (math.log10(v) - ly0) / (ly1 - ly0) * (Y1 - Y0)
 
     draw.rectangle([X0, Y1, X1, Y0], outline="black")
-    draw.text((left + ml, top + 10), f"{name}: sliced W2 to the true data", fill="black", font=font)
-    for t in sorted({r["target_nfe"] for r in runs}):
+    draw.text((left + ml, top + 10), title, fill="black", font=font)
+    for t in xticks:
         draw.line([(px(t), Y0), (px(t), Y0 + 5)], fill="black")
-        draw.text((px(t) - 8, Y0 + 8), str(t), fill="black", font=small)
-    draw.text((X0 + (X1 - X0) / 2 - 90, Y0 + 30), "function evaluations (log)", fill="black", font=small)
+        draw.text((px(t) - 8, Y0 + 8), f"{t:g}", fill="black", font=small)
+    draw.text((X0 + (X1 - X0) / 2 - 90, Y0 + 30), xlabel, fill="black", font=small)
     for e in range(math.floor(ly0), math.ceil(ly1) + 1):
         for m in (1, 2, 5):
             v = m * 10.0**e
@@ -521,11 +534,11 @@ def _panel(draw: Any, box: tuple[int, int, int, int], name: str, res: dict[str, 
                 draw.line([(X0 - 5, py(v)), (X1, py(v))], fill="#e6e6e6" if m != 1 else "#c8c8c8")
                 draw.line([(X0 - 5, py(v)), (X0, py(v))], fill="black")
                 draw.text((left + 8, py(v) - 8), f"{v:g}", fill="black", font=small)
-    if ref is not None:
-        _hline(draw, X0, X1, py(ref["sw2"]), "black", 10)
-    _hline(draw, X0, X1, py(floor), "black", 3)
+    for value, dash in marks:
+        if value > 0:
+            _hline(draw, X0, X1, py(value), "black", dash)
     for label, color in colors.items():
-        pts = sorted((r["nfe"], r["sw2"]) for r in runs if r["sampler"] == label)
+        pts = sorted(p for p in lines.get(label, []) if p[1] > 0 and math.isfinite(p[1]))
         if not pts:
             continue
         xy = [(px(a), py(b)) for a, b in pts]

@@ -73,8 +73,8 @@ class SampleGrid(L.Callback):
         finally:
             model.train(was_training)
 
-    def samples(self, trainer: L.Trainer, pl_module: Any, n: int, seed: int,
-                examples: Mapping[str, Any] | None) -> tuple[torch.Tensor, dict[str, Any] | None]:
+    def samples(self, trainer: L.Trainer, pl_module: Any, n: int, seed: int, examples: Mapping[str, Any] | None,
+                batch_size: int | None = None) -> tuple[torch.Tensor, dict[str, Any] | None]:
         """``n`` samples of the EMA model with this grid's sampler and guidance, drawn in shares
         by every process and gathered on each, and the conditioning values they were drawn for
         (labels in turn; other fields from the rows ``examples``)."""
@@ -83,7 +83,7 @@ class SampleGrid(L.Callback):
         indices = shard(n, trainer.global_rank, trainer.world_size)
         part = generate(model, pl_module.schedule, self.sampler, pl_module.prediction, self.data_shape,
                         indices, seed=seed, values=select(values, indices), guidance=self.guidance,
-                        clip=self.clip, batch_size=self.batch_size, device=pl_module.device,
+                        clip=self.clip, batch_size=batch_size or self.batch_size, device=pl_module.device,
                         sigma_data=pl_module.sigma_data, guidance_rescale=self.guidance_rescale,
                         guidance_interval=self.guidance_interval)
         return gather(part, indices, n), values
@@ -122,7 +122,7 @@ class MetricCallback(L.Callback):
 
     def __init__(self, metrics: Mapping[str, Any], grid: SampleGrid, out_file: Path, every_n_steps: int = 1000,
                  num_samples: int = 256, seed: int = 0, examples: Mapping[str, Any] | None = None,
-                 reference: tuple[Any, Mapping[str, Any]] | None = None) -> None:
+                 reference: tuple[Any, Mapping[str, Any]] | None = None, batch_size: int = 256) -> None:
         self.metrics = dict(metrics)
         self.grid = grid
         self.out_file = Path(out_file)
@@ -131,6 +131,7 @@ class MetricCallback(L.Callback):
         self.seed = seed
         self.examples = examples
         self.reference = reference
+        self.batch_size = batch_size
         self.last_step = -1
         self.results: dict[str, dict[str, float]] = {}
 
@@ -159,7 +160,8 @@ class MetricCallback(L.Callback):
         if step == self.last_step or self.num_samples <= 0:
             return self.results
         self.last_step = step
-        samples, values = self.grid.samples(trainer, pl_module, self.num_samples, self.seed, self.examples)
+        samples, values = self.grid.samples(trainer, pl_module, self.num_samples, self.seed, self.examples,
+                                            self.batch_size)
         results: dict[str, dict[str, float]] = {}
         if trainer.is_global_zero:
             model = pl_module.ema.module

@@ -187,7 +187,7 @@ def train(cfg: Mapping[str, Any], run_dir: Path, sweep: Mapping[str, str] | None
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     from unfog.callbacks import AtomicCheckpointIO, MetricCallback, SampleGrid, StepProgressBar
-    from unfog.evaluation import build_metrics
+    from unfog.evaluation import build_metrics, with_extractor
     from unfog.loggers import build_logger
     from unfog.sampling import dataset_examples
     from unfog.training import DiffusionModule
@@ -239,13 +239,13 @@ def train(cfg: Mapping[str, Any], run_dir: Path, sweep: Mapping[str, str] | None
                         every_n_train_steps=cfg["checkpoint"]["every_n_steps"]),
         grid,
     ]
-    metrics = build_metrics(cfg.get("metrics"))  # a bad metric config fails before training
+    ev = cfg["evaluation"]  # a bad metric config fails here, before training
+    metrics = build_metrics(with_extractor(cfg.get("metrics"), ev.get("extractor"), ev.get("extractor_weights")))
     if metrics:
-        ev = cfg["evaluation"]
         callbacks.append(MetricCallback(metrics, grid, run_dir / "evaluation.jsonl", ev["every_n_steps"],
                                         ev["num_samples"], ev["seed"],
                                         examples=dataset_examples(dataset, ev["num_samples"], model.fields),
-                                        reference=(dataset, plain(cfg["dataset"]))))
+                                        reference=(dataset, plain(cfg["dataset"])), batch_size=ev["batch_size"]))
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg["trainer"].get("enable_progress_bar", True) is not False:

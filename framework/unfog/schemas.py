@@ -72,6 +72,8 @@ class EvaluationConfig:
     num_samples: int = 256
     seed: int = 0
     batch_size: int = 256
+    extractor: str | None = None  # sets metrics.*.extractor of every metric that has one
+    extractor_weights: str | None = None  # sets metrics.*.weights likewise
 
 
 @dataclass

@@ -20,10 +20,15 @@ from unfog.run import sample
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 6-step digits run that scores its EMA model every 3 steps."""
+    """A 6-step digits run that scores its EMA model every 3 steps, FID in a classifier's features."""
+    from unfog_metrics.classifier import train_classifier
+
     root = tmp_path_factory.mktemp("train")
-    run("train", *TINY, "trainer.max_steps=6", "sampling.every_n_steps=0", "metric=digits_classifier",
-        "evaluation.every_n_steps=3", "evaluation.num_samples=20", f"hydra.run.dir={root}", cwd=root)
+    train_classifier({"dataset": {"_name_": "digits"}, "steps": 5, "width": 4, "device": "cpu"}, root / "cls")
+    run("train", *TINY, "trainer.max_steps=6", "sampling.every_n_steps=0", "metric=[digits_classifier,fid]",
+        "evaluation.extractor=classifier", f"evaluation.extractor_weights={root / 'cls'}",
+        "evaluation.every_n_steps=3", "evaluation.num_samples=20", f"hydra.run.dir={root}", cwd=root,
+        env={"UNFOG_CACHE": str(root / "cache")})
     return root
 
 
@@ -31,8 +36,9 @@ def test_training_scores_the_ema_model_every_n_steps_and_at_the_end(trained: Pat
     lines = [json.loads(line) for line in (trained / "evaluation.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [3, 6]
     assert all(line["results"]["digits_classifier"]["n"] == 20 for line in lines)
+    assert all(line["results"]["fid"]["fid"] > 0 for line in lines)
     logged = (trained / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"eval/digits_classifier/accuracy", "eval/digits_classifier/per_class_min"} <= set(logged)
+    assert {"eval/digits_classifier/accuracy", "eval/digits_classifier/per_class_min", "eval/fid/fid"} <= set(logged)
 
 
 ALL = "metric=digits_classifier,fid,kid,precision_recall,inception_score,class_accuracy"
