@@ -158,6 +158,14 @@ class Text(nn.Module):
         x = self.norm(self.encoder(x, src_key_padding_mask=~mask))
         return x if self.route == "tokens" else x[:, 0]
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # A checkpoint from before the quotient table: a zero table reproduces its embeddings
+        # exactly (the remainder of the wider hash is the old hash bucket).
+        key = prefix + "quotient_embedding.weight"
+        if self.quotient_embedding is not None and key not in state_dict:
+            state_dict[key] = torch.zeros_like(self.quotient_embedding.weight)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def embed(self, ids: Tensor) -> Tensor:
         """Token embeddings (B, L, ``dim``) of ids from :meth:`tokenize`."""
         if self.quotient_embedding is None:

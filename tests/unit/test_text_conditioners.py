@@ -94,6 +94,15 @@ def test_quotient_remainder_separates_words_that_plain_hashing_merges():
         assert torch.equal(qr.embed(ids)[0, :2], qr.token_embedding(ids)[0, :2])
 
 
+def test_a_checkpoint_without_the_quotient_table_encodes_as_before():
+    old = text(quotient_remainder=False)
+    new = text()
+    new.load_state_dict(old.state_dict())  # an old checkpoint: no quotient_embedding.weight
+    with torch.no_grad():
+        captions = ["a blue square at the top", "two red circles", ""]
+        assert torch.allclose(new(captions), old(captions), atol=1e-6)
+
+
 def test_bytes_tokenizer_reads_utf8():
     c = text(tokenizer="bytes", max_length=6)
     ids, _ = c.tokenize(["hé"])
