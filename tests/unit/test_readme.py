@@ -23,22 +23,31 @@ def test_readme_plugin_example_registers_and_samples() -> None:
         assert out.shape == (5, 2) and torch.allclose(out, torch.full_like(out, 0.5), atol=0.05)
 
 
-def test_readme_train_commands_compose_and_validate() -> None:
-    """Every `unfog train` line of the quickstart is a valid config (sweeps: each first value)."""
+def test_readme_commands_compose_and_validate() -> None:
+    """Every `unfog train`, `train-classifier` and `evaluate` line of the quickstart is a valid
+    config (sweeps: each first value)."""
     import shlex
 
     from hydra import compose, initialize_config_dir
 
-    from unfog.cli import conf_dir
+    from unfog.cli import _metric_lists, conf_dir
     from unfog.config import register_configs
     from unfog.run import validate
 
     block = re.search(r"## Quickstart\n\n```bash\n(.*?)```", README.read_text(), re.S).group(1)
-    lines = [line.split("  #")[0] for line in block.splitlines() if line.startswith("unfog train")]
-    assert len(lines) >= 5
+    block = block.replace("\\\n", " ")  # continued lines
+    lines = [shlex.split(line.split("  #")[0]) for line in block.splitlines() if line.startswith("unfog ")]
+    configs = {"train": "train", "train-classifier": "train_classifier", "evaluate": "evaluate"}
+    chosen = [words for words in lines if words[1] in configs]
+    assert sum(words[1] == "train" for words in chosen) >= 5 and {w[1] for w in chosen} == set(configs)
     register_configs()
-    for line in lines:
-        args = [a for a in shlex.split(line)[2:] if a != "-m" and not a.startswith("ckpt_path=")]
-        args = [a.split(",")[0] if "=" in a and "[" not in a else a for a in args]
+    for words in chosen:
+        args = [a for a in words[2:] if a != "-m" and not a.startswith("ckpt_path=")]
+        if words[1] == "evaluate":
+            args = _metric_lists(args)
+        else:
+            args = [a.split(",")[0] if "=" in a and "[" not in a else a for a in args]
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            validate(compose(config_name="train", overrides=args))
+            cfg = compose(config_name=configs[words[1]], overrides=args)
+        if words[1] == "train":
+            validate(cfg)
