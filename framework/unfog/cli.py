@@ -1,8 +1,8 @@
 """The ``unfog`` command: train, sample, evaluate, train-classifier, export, config, list, plugins.
 
-``train``, ``sample``, ``evaluate``, ``train-classifier``, ``export`` and ``config`` take Hydra overrides (``sampler=ddim sampler.steps=20``,
-``-m schedule=linear,cosine``, ``--cfg job``, ``hydra/launcher=...``); every registered
-component is a config-group option.
+``train``, ``sample``, ``evaluate``, ``train-classifier``, ``export`` and ``config`` take Hydra
+overrides (``sampler=ddim sampler.steps=20``, ``-m schedule=linear,cosine``, ``--cfg job``,
+``hydra/launcher=...``); every registered component is a config-group option.
 """
 
 from __future__ import annotations
@@ -186,21 +186,12 @@ def _sweep_names() -> dict[str, str] | None:
 
 
 def _train_task(cfg: Any) -> float | None:
-    from unfog.errors import UnfogError
     from unfog.run import train
 
     _prepare_worker_launch("train")
-    try:
-        with _distributed_job():
-            result = train(cfg, _output_dir(), _sweep_names())
-    except UnfogError as exc:
-        _fail(exc)
-        raise
-    try:
-        value = result.objective(cfg.objective)
-    except UnfogError as exc:
-        _fail(exc)
-        raise
+    with _distributed_job():
+        result = _call(train, cfg, _output_dir(), _sweep_names())
+    value = _call(result.objective, cfg.objective)
     if result.rank != 0:  # DDP workers: the launching process reports
         return value
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
@@ -211,16 +202,25 @@ def _train_task(cfg: Any) -> float | None:
     return value
 
 
-def _sample_task(cfg: Any) -> None:
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``; an unfog error ends the command with its message and exit status 1."""
     from unfog.errors import UnfogError
-    from unfog.run import sample
 
-    out = Path(cfg.output_dir) if cfg.output_dir else _output_dir()
     try:
-        result = sample(cfg, out)
+        return fn(*args)
     except UnfogError as exc:
         _fail(exc)
         raise
+
+
+def _out(cfg: Any) -> Path:
+    return Path(cfg.output_dir) if cfg.get("output_dir") else _output_dir()
+
+
+def _sample_task(cfg: Any) -> None:
+    from unfog.run import sample
+
+    result = _call(sample, cfg, _out(cfg))
     grid = f" and {result.grid}" if result.grid else ""
     print(f"unfog: wrote {len(result.samples)} samples to {result.npz}{grid}")
     if result.metrics:
@@ -230,43 +230,25 @@ def _sample_task(cfg: Any) -> None:
 
 
 def _evaluate_task(cfg: Any) -> None:
-    from unfog.errors import UnfogError
     from unfog.evaluation import evaluate, table
 
-    out = Path(cfg.output_dir) if cfg.output_dir else _output_dir()
-    try:
-        result = evaluate(cfg, out)
-    except UnfogError as exc:
-        _fail(exc)
-        raise
+    result = _call(evaluate, cfg, _out(cfg))
     print(table(result.results))
     print(f"unfog: scored {cfg.num_samples} samples; results and protocol in {result.path}")
 
 
 def _train_classifier_task(cfg: Any) -> None:
-    from unfog.errors import UnfogError
     from unfog_metrics.classifier import train_classifier
 
-    out = Path(cfg.output_dir) if cfg.get("output_dir") else _output_dir()
-    try:
-        result = train_classifier(cfg, out)
-    except UnfogError as exc:
-        _fail(exc)
-        raise
+    result = _call(train_classifier, cfg, _out(cfg))
     print(f"unfog: trained a classifier in {result['seconds']:.0f} s, held-out accuracy "
           f"{result['accuracy']:.4f}; use it with metric.NAME.weights={result['out_dir']}")
 
 
 def _export_task(cfg: Any) -> None:
-    from unfog.errors import UnfogError
     from unfog.export import export
 
-    out = Path(cfg.output_dir) if cfg.output_dir else _output_dir()
-    try:
-        folder = export(cfg, out)
-    except UnfogError as exc:
-        _fail(exc)
-        raise
+    folder = _call(export, cfg, _out(cfg))
     print(f"unfog: exported {cfg.checkpoint} as {cfg.format} to {folder}")
 
 

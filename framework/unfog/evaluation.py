@@ -91,7 +91,7 @@ def table(results: Mapping[str, Mapping[str, float]]) -> str:
         return ""
     head = ("metric", "quantity", "value")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(3)]
-    line = "  ".join("{:<%d}" % w for w in widths)
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([line.format(*head).rstrip(), *(line.format(*r).rstrip() for r in rows)])
 
 

@@ -17,7 +17,6 @@ implementation of the same method, close but not step for step.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata as metadata
 import json
 import logging
@@ -29,6 +28,7 @@ import torch
 
 from unfog.config import build, plain
 from unfog.errors import ConfigError, DataError
+from unfog.evaluation import sha256_of
 
 log = logging.getLogger("unfog")
 
@@ -51,15 +51,6 @@ SCHEDULERS: dict[str, str] = {
 
 EXACT = ("ddim", "ddpm")  # step-for-step the same arithmetic as unfog's sampler
 SCALED_INPUT = ("euler", "heun", "euler_ancestral")  # diffusers schedulers that need scale_model_input
-
-
-def sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _unfog_version() -> str:
@@ -91,7 +82,7 @@ def export_safetensors(checkpoint: str | Path, out_dir: str | Path, use_ema: boo
         "source_checkpoint": str(Path(checkpoint).resolve()),
         "weights": WEIGHTS,
         "ema": bool(use_ema),
-        "sha256": sha256(out / WEIGHTS),
+        "sha256": sha256_of(out / WEIGHTS),
     }
     (out / META).write_text(json.dumps(record, indent=2))
     return out
@@ -117,7 +108,7 @@ def load_exported(folder: str | Path) -> tuple[Any, Any, dict[str, Any]]:
     weights = folder / meta.get("weights", WEIGHTS)
     if not weights.is_file():
         raise DataError(f"{weights} is missing; the export in {folder} is incomplete. Export it again.")
-    if meta.get("sha256") and sha256(weights) != meta["sha256"]:
+    if meta.get("sha256") and sha256_of(weights) != meta["sha256"]:
         raise DataError(
             f"{weights} does not match the sha256 recorded in {folder / META}; the file was changed or is "
             "incomplete. Export it again."

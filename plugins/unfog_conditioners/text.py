@@ -124,7 +124,8 @@ class Text(nn.Module):
         self.token_embedding = nn.Embedding(self.vocab_size, dim)
         self.quotient_remainder = quotient_remainder and tokenizer == "words"
         # The quotient's table; the reserved tokens take its zero padding row.
-        self.quotient_embedding = nn.Embedding(self.vocab_size, dim, padding_idx=PAD) if self.quotient_remainder else None
+        self.quotient_embedding = (nn.Embedding(self.vocab_size, dim, padding_idx=PAD) if self.quotient_remainder
+                                   else None)
         self.position_embedding = nn.Parameter(torch.zeros(max_length, dim))
         nn.init.normal_(self.token_embedding.weight, std=0.02)  # as GPT-2 and CLIP (Radford et al. 2019, 2021)
         if self.quotient_embedding is not None:

@@ -14,7 +14,6 @@ Inception Score (Salimans et al. 2016): the same formulas on a network that know
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -29,6 +28,8 @@ from torch.nn import functional as F
 
 from unfog import register
 from unfog.errors import ConfigError, DataError
+from unfog.evaluation import sha256_of
+from unfog_metrics._common import requested_labels
 
 WEIGHTS_FILE = "classifier.safetensors"
 RECORD_FILE = "classifier.json"
@@ -243,15 +244,6 @@ def _accuracy(net: nn.Module, x: Tensor, y: Tensor, device: torch.device, batch_
     return correct / max(1, len(x))
 
 
-def sha256_file(path: Path) -> str:
-    """The SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def train_classifier(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     """Train the classifier of ``cfg`` (``unfog train-classifier``) and write it to ``out_dir``.
 
@@ -315,7 +307,7 @@ def train_classifier(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     # One metadata key: safetensors writes several in no fixed order, which would change the hash.
     save_file(state, str(weights), metadata={"format": f"{FORMAT}/{FORMAT_VERSION}"})
-    sha256 = sha256_file(weights)
+    sha256 = sha256_of(weights)
     class_names = getattr(dataset, "class_names", None) or [str(i) for i in range(num_classes)]
     record = {
         "format": FORMAT,
@@ -395,7 +387,7 @@ class ClassifierExtractor:
                 f"classifier: could not load the classifier at {str(self.path.parent)!r} ({type(exc).__name__}: "
                 f"{exc}); train it again with `{COMMAND}`."
             ) from exc
-        self.weights_sha256 = sha256_file(self.path)
+        self.weights_sha256 = sha256_of(self.path)
         recorded = self.record.get("weights_sha256")
         if recorded and recorded != self.weights_sha256:
             raise ConfigError(
@@ -512,27 +504,8 @@ class ClassAccuracy:
     def update(self, *, generated: Tensor, labels: Tensor | None = None, real: Tensor | None = None) -> None:
         """Classify ``generated`` and compare with the classes ``labels`` they were generated for."""
         k = self.extractor.num_classes
-        if labels is None:
-            raise ConfigError(
-                "class_accuracy: needs the class each sample was generated for, but labels=None was given. "
-                "Use it with a class-conditional model, or remove this metric from the config."
-            )
-        labels_t = torch.as_tensor(labels).detach().cpu()
-        if labels_t.is_floating_point() or labels_t.ndim != 1:
-            raise DataError(
-                "class_accuracy: labels must be a 1-D tensor of integer classes; got dtype "
-                f"{labels_t.dtype} and shape {tuple(labels_t.shape)}."
-            )
-        if labels_t.numel() and (int(labels_t.min()) < 0 or int(labels_t.max()) >= k):
-            raise DataError(
-                f"class_accuracy: labels must lie in 0..{k - 1} (the classifier's {k} classes); got "
-                f"{int(labels_t.min())}..{int(labels_t.max())}. Is the classifier trained on the model's dataset?"
-            )
-        if len(generated) != len(labels_t):
-            raise DataError(
-                f"class_accuracy: got {len(generated)} generated samples but {len(labels_t)} labels; pass one "
-                "label per sample."
-            )
+        labels_t = requested_labels("class_accuracy", labels, k, len(generated),
+                                    classes=f" (the classifier's {k} classes; is it trained on the model's dataset?)")
         self._predicted.append(self.extractor.predict(generated))
         self._labels.append(labels_t.long())
 

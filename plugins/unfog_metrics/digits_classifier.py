@@ -11,8 +11,9 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from unfog import register
-from unfog.errors import ConfigError, DataError
+from unfog.errors import DataError
 from unfog_datasets.digits import check_test_fraction, digits_split
+from unfog_metrics._common import requested_labels
 
 NUM_CLASSES = 10
 # An RBF support vector machine on pixel values 0..16; gamma and C were chosen by 5-fold
@@ -91,28 +92,11 @@ class DigitsClassifierAccuracy:
 
     def update(self, *, generated: Tensor, labels: Tensor | None = None, real: Tensor | None = None) -> None:
         """Classify ``generated`` and compare with the classes ``labels`` they were generated for."""
-        if labels is None:
-            raise ConfigError(
-                "digits_classifier: needs the class each sample was generated for, but labels=None "
-                "was given. Use it with a class-conditional model on the digits dataset, or remove "
-                "this metric from the config."
-            )
-        labels_t = torch.as_tensor(labels).detach().cpu()
-        if labels_t.is_floating_point() or labels_t.ndim != 1:
-            raise DataError(
-                "digits_classifier: labels must be a 1-D tensor of integer classes; got dtype "
-                f"{labels_t.dtype} and shape {tuple(labels_t.shape)}."
-            )
-        if labels_t.numel() and (int(labels_t.min()) < 0 or int(labels_t.max()) >= NUM_CLASSES):
-            raise DataError(
-                f"digits_classifier: labels must lie in 0..{NUM_CLASSES - 1}; got min {int(labels_t.min())}, "
-                f"max {int(labels_t.max())}."
-            )
-        if len(generated) != len(labels_t):
-            raise DataError(
-                f"digits_classifier: got {len(generated)} generated samples but {len(labels_t)} labels; "
-                "pass one label per sample."
-            )
+        labels_t = requested_labels(
+            "digits_classifier", labels, NUM_CLASSES, len(generated),
+            missing="Use it with a class-conditional model on the digits dataset, or remove this metric "
+            "from the config.",
+        )
         self._predicted.append(self.predict(generated).numpy())
         self._labels.append(labels_t.long().numpy())
 

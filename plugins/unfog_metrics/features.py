@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from unfog.errors import ConfigError, DataError
+from unfog.evaluation import sha256_of
 
 INCEPTION_NAME = "inception-v3-compat"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -141,11 +142,7 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 @functools.lru_cache(maxsize=32)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_of(path)
 
 
 def state_dict_sha256(*modules: nn.Module | None) -> str:

@@ -22,6 +22,7 @@ from unfog_datasets.shapes import (
     object_side,
     parse_caption,
 )
+from unfog_metrics._common import requested_labels
 
 # (fill ratio of the bounding box, asymmetry) of the ideal shapes: a disc fills π/4 of its box,
 # a square all of it, a triangle half, with three quarters of its area in the wide half
@@ -199,17 +200,7 @@ class ShapesChecker:
                 "shapes_checker: needs what each image was generated for, but neither labels nor captions "
                 "were given. Use it with a model conditioned on the shapes dataset's label or caption."
             )
-        labels_t = torch.as_tensor(labels).detach().cpu()
-        if labels_t.is_floating_point() or labels_t.ndim != 1:
-            raise DataError(
-                "shapes_checker: labels must be a 1-D tensor of integer class ids; got dtype "
-                f"{labels_t.dtype} and shape {tuple(labels_t.shape)}."
-            )
-        if labels_t.numel() and (int(labels_t.min()) < 0 or int(labels_t.max()) >= NUM_CLASSES):
-            raise DataError(
-                f"shapes_checker: labels must lie in 0..{NUM_CLASSES - 1} (colour × {len(SHAPES)} + shape); "
-                f"got min {int(labels_t.min())}, max {int(labels_t.max())}."
-            )
+        labels_t = requested_labels("shapes_checker", labels, NUM_CLASSES, classes=f" (colour × {len(SHAPES)} + shape)")
         return [(ShapeObject(*color_shape_of(int(y))),) for y in labels_t]
 
     def _check_images(self, images: Tensor) -> np.ndarray:

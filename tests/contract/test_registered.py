@@ -59,6 +59,7 @@ def _tones_inputs(self: Any) -> dict[str, Any]:
 def _feature_metric_kwargs() -> dict[str, Any]:
     """A tiny feature extractor standing in for Inception (whose weights cannot be downloaded here)."""
     from torch import nn
+
     from unfog_metrics.features import module_extractor
 
     torch.manual_seed(0)

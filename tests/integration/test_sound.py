@@ -27,6 +27,7 @@ def test_tones_train_sample_and_score_write_wav_files(tmp_path: Path) -> None:
     for k, path in enumerate(wavs):
         audio, rate = soundfile.read(path, dtype="float32")
         assert rate == 8000 and audio.shape == (512,)
-        np.testing.assert_allclose(audio, np.clip(clips[k, 0], -1, 1), atol=2 / 32767)  # 16-bit PCM, read back as k/32768
+        # 16-bit PCM, read back as k/32768
+        np.testing.assert_allclose(audio, np.clip(clips[k, 0], -1, 1), atol=2 / 32767)
     record = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= record["results"]["tones_spectrum"]["peak_on_pitch"] <= 1.0

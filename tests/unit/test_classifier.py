@@ -11,6 +11,7 @@ import torch
 
 import unfog
 from unfog.errors import ConfigError, DataError
+from unfog.evaluation import sha256_of
 from unfog_datasets.digits import digits_split
 from unfog_metrics.classifier import (
     RECORD_FILE,
@@ -18,7 +19,6 @@ from unfog_metrics.classifier import (
     ClassAccuracy,
     ClassifierExtractor,
     TrainSettings,
-    sha256_file,
     train_classifier,
 )
 
@@ -36,7 +36,7 @@ def test_training_writes_weights_and_a_record(trained):
     out, result = trained
     record = json.loads((out / RECORD_FILE).read_text())
     assert result["out_dir"] == str(out)
-    assert result["sha256"] == record["weights_sha256"] == sha256_file(out / WEIGHTS_FILE)
+    assert result["sha256"] == record["weights_sha256"] == sha256_of(out / WEIGHTS_FILE)
     assert record["num_classes"] == 10 and record["class_names"] == [str(i) for i in range(10)]
     assert record["data_shape"] == [1, 8, 8] and record["data_range"] == [-1.0, 1.0]
     assert record["dataset"] == {"_name_": "digits"}
