@@ -222,7 +222,8 @@ def train(cfg: Mapping[str, Any], run_dir: Path, sweep: Mapping[str, str] | None
         offset_noise=loss["offset_noise"], sigma_data=cfg.get("sigma_data"), seed=cfg["seed"], meta=meta,
     )
     loader = train_loader(dataset, cfg["data"]["batch_size"], cfg["data"]["num_workers"], cfg["seed"], module)
-    run_id = _previous_run_id(cfg["ckpt_path"]) or _new_run_id()
+    previous = _resumed_from(cfg["ckpt_path"], module, resolved)
+    run_id = previous.get("run_id") or _new_run_id()
     meta["run_id"] = run_id
     logger = build_logger(plain(cfg.get("logger")), run_dir, config={**resolved, "versions": meta["versions"]},
                           run_id=run_id, resume=bool(cfg["ckpt_path"]), sweep=sweep)
@@ -314,13 +315,41 @@ def _new_run_id() -> str:
     return secrets.token_hex(4)
 
 
-def _previous_run_id(ckpt_path: str | None) -> str | None:
-    """The logger run id a checkpoint was written under (None for a fresh run)."""
+def _resumed_from(ckpt_path: str | None, module: Any, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The unfog metadata of the checkpoint a run resumes from ({} for a fresh run), after
+    checking that it holds the parameters this config builds. When it does not (a setting
+    or a component's default changed since it was written), the error lists the settings
+    that differ instead of Lightning's "parameter group doesn't match"."""
     if not ckpt_path:
-        return None
-    # mmap: only the small metadata is read here; Lightning loads the weights itself
-    meta = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("unfog") or {}
-    return meta.get("run_id")
+        return {}
+    # mmap: only metadata and key names are read here; Lightning loads the weights itself
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    meta = ckpt.get("unfog") or {}
+    saved = {k: tuple(v.shape) for k, v in ckpt.get("state_dict", {}).items()}
+    built = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    if saved != built:
+        reshaped = sorted(k for k in set(saved) & set(built) if saved[k] != built[k])
+        differ = [f"{k}={_flat(config).get(k)!r} (checkpoint: {v!r})" for k, v in _flat(meta.get("config", {})).items()
+                  if k.split(".")[0] in COMPONENT_KEYS and _flat(config).get(k) != v]
+        differ += [f"{k}={v!r} (not in the checkpoint's config)" for k, v in _flat(config).items()
+                   if k.split(".")[0] in COMPONENT_KEYS and k not in _flat(meta.get("config", {}))]
+        raise ConfigError(
+            f"ckpt_path={ckpt_path}: this config builds a model with other parameters than the checkpoint's "
+            f"(only in the checkpoint: {sorted(set(saved) - set(built))[:4]}; only here: "
+            f"{sorted(set(built) - set(saved))[:4]}; other shapes: {reshaped[:4]}). "
+            f"Settings that differ: {'; '.join(differ[:8]) or 'none found'}. Resume with the checkpoint's "
+            "settings (the run's .hydra/config.yaml), e.g. by adding them as overrides."
+        )
+    return meta
+
+
+COMPONENT_KEYS = ("backbone", "conditioners", "schedule", "dataset", "prediction")
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, Mapping):
+        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
 
 
 def _is_wandb(logger: Any) -> bool:

@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from unfog.cli import conf_dir
 from unfog.config import register_configs
+from unfog.errors import ConfigError
 from unfog.run import train
 
 COMMON = ["trainer=debug", "logger=csv", "sampling.num_samples=0", "optim.warmup_steps=3"]
@@ -57,3 +58,11 @@ def test_resumed_run_is_bit_for_bit_the_uninterrupted_run(tmp_path: Path, setup:
     # and the first part matches the start of the uninterrupted run
     for step, loss in _losses(first.run_dir).items():
         assert whole_losses[step] == loss, step
+
+
+def test_resuming_with_other_model_settings_names_them(tmp_path: Path) -> None:
+    first = train(_cfg("toy2d", "trainer.max_steps=2"), tmp_path / "first")
+    with pytest.raises(ConfigError) as err:
+        train(_cfg("toy2d", "trainer.max_steps=4", "backbone.hidden=48", f"ckpt_path={first.checkpoint}"),
+              tmp_path / "resumed")
+    assert "backbone.hidden=48 (checkpoint: " in str(err.value) and ".hydra/config.yaml" in str(err.value)
