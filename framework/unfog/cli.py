@@ -242,7 +242,7 @@ def _train_classifier_task(cfg: Any) -> None:
 
     result = _call(train_classifier, cfg, _out(cfg))
     print(f"unfog: trained a classifier in {result['seconds']:.0f} s, held-out accuracy "
-          f"{result['accuracy']:.4f}; use it with metric.NAME.weights={result['out_dir']}")
+          f"{result['accuracy']:.4f}; use it with extractor=classifier extractor_weights={result['out_dir']}")
 
 
 def _export_task(cfg: Any) -> None:

@@ -90,7 +90,8 @@ def extractor_from(extractor: str | FeatureExtractor, weights: str | None = None
             raise ConfigError(
                 "extractor='classifier' needs weights=PATH: the folder written by `unfog train-classifier` "
                 "(or its .safetensors file). Train one with `unfog train-classifier dataset=NAME`, then pass "
-                "e.g. metric.fid.weights=PATH."
+                "e.g. extractor_weights=PATH (unfog evaluate), evaluation.extractor_weights=PATH (unfog train) "
+                "or metrics.NAME.weights=PATH for one metric."
             )
         try:
             from unfog_metrics.classifier import ClassifierExtractor
@@ -234,7 +235,7 @@ def find_inception_weights(weights: str | None) -> Path:
             return p
         raise ConfigError(
             f"Inception weights not found at {p}. Download {INCEPTION_URL} on a machine with network access "
-            f"and pass its path (e.g. metric.fid.weights=/path/to/{INCEPTION_FILE})."
+            f"and pass its path (e.g. extractor_weights=/path/to/{INCEPTION_FILE})."
         )
     cached = inception_cache_path()
     if cached.is_file():
@@ -242,8 +243,9 @@ def find_inception_weights(weights: str | None) -> Path:
     raise ConfigError(
         "extractor='inception' needs torch-fidelity's Inception-v3 weights (FID's 2015-12-05 network), which "
         f"cannot be downloaded here. Get {INCEPTION_URL} (about 95 MB) on a machine with network access, then "
-        f"either put it at {cached} or pass its path, e.g. metric.fid.weights=/path/to/{INCEPTION_FILE} "
-        "(weights=... in Python)."
+        f"either put it at {cached} or pass its path: extractor_weights=/path/to/{INCEPTION_FILE} (unfog "
+        "evaluate), evaluation.extractor_weights=... (unfog train), metrics.NAME.weights=... (one metric) or "
+        "weights=... in Python."
     )
 
 

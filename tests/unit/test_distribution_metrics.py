@@ -385,7 +385,7 @@ def test_inception_weights_from_the_torch_hub_cache_or_a_clear_error(inception_f
     with pytest.raises(ConfigError) as err:
         D.FID(device="cpu")
     assert INCEPTION_URL in str(err.value) and str(inception_cache_path()) in str(err.value)
-    assert "metric.fid.weights=" in str(err.value)
+    assert "extractor_weights=" in str(err.value)
     with pytest.raises(ConfigError, match="not found"):
         extractor_from("inception", weights=str(tmp_path / "nowhere.pth"))
     inception_cache_path().parent.mkdir(parents=True)
