@@ -57,7 +57,8 @@ def test_extractor_gives_penultimate_features_and_logits(trained):
         features, logits = extractor.features(x[:250]), extractor.logits(x[:250])
         assert features.shape == (250, 128) and features.dtype == torch.float64 and features.device.type == "cpu"
         assert logits.shape == (250, 10) and logits.dtype == torch.float64
-    assert torch.equal(extractor.features(x[:7]), features[:7])  # batching does not change features
+    # batching does not change features (up to float32 rounding: CPU kernels vary with the batch size)
+    torch.testing.assert_close(extractor.features(x[:7]), features[:7], rtol=1e-5, atol=1e-6)
     assert float((extractor.predict(x) == y).double().mean()) == pytest.approx(result["accuracy"])
     described = extractor.describe()
     assert described["weights"] == str(out / WEIGHTS_FILE) and described["dim"] == 128
