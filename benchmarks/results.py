@@ -65,7 +65,7 @@ NOTES = [
     "- Ancestral sampling (`ddpm`) trades precision for recall at few steps (digits, 5 steps:",
     "  precision 0.98, recall 0.47); the ODE solvers reach recall 0.80–0.93 (real data: 0.92).",
     "  On shapes the order of FD flips: `ddpm` is lowest at every step count (0.84 at 50 steps,",
-    "  the ODE solvers 1.6–1.8), the fresh noise of each step keeping the flat colours crisp.",
+    "  the ODE solvers 1.6–1.8); why is not examined here.",
     "- The class-conditional DiT (`dit_tiny`, 2,000 steps) trails the U-Net at equal steps: digits FD",
     "  0.55–0.59 vs 0.35–0.39; on 16×16 shapes it draws the requested class 56 % of the time vs",
     "  96 % (the same weakness on small shapes as in the text experiment, docs/conditioning.md).",
