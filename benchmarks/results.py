@@ -70,8 +70,8 @@ NOTES = [
     "  0.55–0.59 vs 0.35–0.39; on 16×16 shapes it draws the requested class 56 % of the time vs",
     "  96 % (the same weakness on small shapes as in the text experiment, docs/conditioning.md).",
     "- Shapes are pixel-exact, so the classifier's features of real scenes form tight clusters:",
-    "  real held-out scenes have precision 0.998, U-Net samples 0.05–0.15 (slightly soft edges",
-    "  fall outside every real sample's 3-NN ball) although at 20–50 steps their FD and KID are",
+    "  real held-out scenes have precision 0.998, U-Net samples 0.04–0.15 (most of them",
+    "  lie outside every real sample's 3-NN ball) although at 20–50 steps their FD and KID are",
     "  at the level of real data. Precision/recall is the metric here that separates them.",
 ]
 # The headline value of each dataset (lower is better) for the table's order and the plot.
