@@ -329,10 +329,11 @@ def _resumed_from(ckpt_path: str | None, module: Any, config: Mapping[str, Any])
     built = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     if saved != built:
         reshaped = sorted(k for k in set(saved) & set(built) if saved[k] != built[k])
-        differ = [f"{k}={_flat(config).get(k)!r} (checkpoint: {v!r})" for k, v in _flat(meta.get("config", {})).items()
-                  if k.split(".")[0] in COMPONENT_KEYS and _flat(config).get(k) != v]
-        differ += [f"{k}={v!r} (not in the checkpoint's config)" for k, v in _flat(config).items()
-                   if k.split(".")[0] in COMPONENT_KEYS and k not in _flat(meta.get("config", {}))]
+        now, then = _flat(config), _flat(meta.get("config", {}))
+        differ = [f"{k}={now.get(k)!r} (checkpoint: {v!r})" for k, v in then.items()
+                  if k.split(".")[0] in COMPONENT_KEYS and now.get(k) != v]
+        differ += [f"{k}={v!r} (not in the checkpoint's config)" for k, v in now.items()
+                   if k.split(".")[0] in COMPONENT_KEYS and k not in then]
         raise ConfigError(
             f"ckpt_path={ckpt_path}: this config builds a model with other parameters than the checkpoint's "
             f"(only in the checkpoint: {sorted(set(saved) - set(built))[:4]}; only here: "
