@@ -16,6 +16,10 @@ Samples per second are the median of ``--repeats`` timed runs after warm-up.
 
     python benchmarks/backbones.py                       # CPU, every preset that fits
     python benchmarks/backbones.py --device cuda --compile --batch 64
+    python benchmarks/backbones.py --only dit_s2 --batch 4 --switches fp32 compile --merge
+
+``--merge`` adds the measured rows to the existing JSON instead of replacing it (each row
+keeps its own batch and command), so a slow preset can be measured on its own.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ PRESETS: dict[str, tuple[int, ...]] = {
     "mlp_toy": (2,),
     "unet_tiny": (1, 8, 8),
     "unet_digits": (1, 8, 8),
+    "unet_tiny16": (3, 16, 16),
     "unet_shapes": (3, 16, 16),
     "unet_cifar10": (3, 32, 32),
     "unet1d_tones": (1, 2048),
@@ -89,7 +94,7 @@ def measure(name: str, data_shape: tuple[int, ...], batch: int, repeats: int, de
     net = build(name, data_shape).to(device).eval()
     x = torch.randn(batch, *data_shape, device=device)
     t = torch.rand(batch, device=device)
-    row: dict[str, Any] = {"data_shape": list(data_shape), "batch": batch,
+    row: dict[str, Any] = {"data_shape": list(data_shape), "batch": batch, "repeats": repeats,
                            "parameters": sum(p.numel() for p in net.parameters())}
 
     def run(model: torch.nn.Module, inp: torch.Tensor, autocast: bool = False) -> Callable[[], Any]:
@@ -98,7 +103,7 @@ def measure(name: str, data_shape: tuple[int, ...], batch: int, repeats: int, de
                 return model(inp, t, {})
         return fn
 
-    row["fp32"] = throughput(run(net, x), batch, repeats, device)
+    row["fp32"] = throughput(run(net, x), batch, repeats, device)  # always: the ratios' reference
     image = len(data_shape) == 3
     if "channels_last" in switches and image:
         cl = build(name, data_shape).to(device).eval().to(memory_format=torch.channels_last)
@@ -119,23 +124,34 @@ def measure(name: str, data_shape: tuple[int, ...], batch: int, repeats: int, de
     return row
 
 
+SWITCHES = ["fp32", "channels_last", "bf16", "unfused_attention", "compile"]
+
+
+def rate(value: float) -> str:
+    """Samples per second to about three significant figures (the big presets do < 1/s on a CPU)."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def markdown(report: dict[str, Any]) -> str:
-    cols = ["fp32", "channels_last", "bf16", "unfused_attention", "compile"]
-    cols = [c for c in cols if any(c in r for r in report["presets"].values())]
-    lines = [f"Forward throughput (samples/s, batch {report['batch']}, {report['device']}); "
-             "ratios to fp32 in brackets.", "",
-             "| preset | data | parameters | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+    cols = [c for c in SWITCHES if any(c in r for r in report["presets"].values())]
+    batches = {r.get("batch", report["batch"]) for r in report["presets"].values()}
+    per_row = len(batches) > 1
+    head = "batch varies per row" if per_row else f"batch {batches.pop()}"
+    lines = [f"Forward throughput (samples/s, {head}, {report['device']}); ratios to fp32 in brackets.", "",
+             "| preset | data | parameters | " + ("batch | " if per_row else "") + " | ".join(cols) + " |",
+             "|---|---|---|" + ("---|" if per_row else "") + "---|" * len(cols)]
     for name, r in report["presets"].items():
         cells = []
         for c in cols:
             if c not in r:
                 cells.append("–")
             elif c == "fp32":
-                cells.append(f"{r[c]:,.0f}")
+                cells.append(rate(r[c]))
             else:
-                cells.append(f"{r[c]:,.0f} ({r[c] / r['fp32']:.2f}×)")
+                cells.append(f"{rate(r[c])} ({r[c] / r['fp32']:.2f}×)")
         shape = "×".join(map(str, r["data_shape"]))
-        lines.append(f"| `{name}` | {shape} | {r['parameters'] / 1e6:.2f} M | " + " | ".join(cells) + " |")
+        batch = f"{r.get('batch', report['batch'])} | " if per_row else ""
+        lines.append(f"| `{name}` | {shape} | {r['parameters'] / 1e6:.2f} M | {batch}" + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -147,6 +163,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--only", nargs="+", choices=list(PRESETS), default=None)
     p.add_argument("--all", action="store_true", help="include the large presets on the CPU")
     p.add_argument("--compile", action="store_true", help="also time torch.compile")
+    p.add_argument("--switches", nargs="+", choices=SWITCHES, default=None,
+                   help="time only these (default: all but compile, plus compile with --compile)")
+    p.add_argument("--merge", action="store_true", help="add the rows to the existing JSON instead of replacing it")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None, help="default: benchmarks/backbones-DEVICE.json")
     args = p.parse_args(argv)
@@ -154,15 +173,29 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     names = args.only or [n for n in PRESETS if args.all or device.type == "cuda" or n not in BIG]
-    switches = ["channels_last", "bf16", "unfused_attention"] + (["compile"] if args.compile else [])
+    switches = args.switches or ["channels_last", "bf16", "unfused_attention"] + (["compile"] if args.compile else [])
+    command = "python benchmarks/backbones.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    path = args.json or ROOT / f"backbones-{device.type}.json"
     report: dict[str, Any] = {"device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
                               "batch": args.batch, "repeats": args.repeats, "machine": machine(),
-                              "command": "python benchmarks/backbones.py " + " ".join(sys.argv[1:] if argv is None
-                                                                                      else argv),
-                              "presets": {}}
-    path = args.json or ROOT / f"backbones-{device.type}.json"
+                              "commands": [command], "presets": {}}
+    if args.merge and path.exists():
+        old = json.loads(path.read_text())
+        if old["device"] != report["device"]:
+            raise SystemExit(f"--merge: {path} was measured on {old['device']!r}, not {report['device']!r}; "
+                             "pass --json to write elsewhere")
+        commands = old.get("commands") or [old["command"]]
+        for row in old["presets"].values():  # rows written before rows kept their own batch
+            row.setdefault("batch", old["batch"])
+            row.setdefault("repeats", old["repeats"])
+        report.update(batch=old["batch"], repeats=old["repeats"], commands=commands + [command],
+                      presets=old["presets"])
     for name in names:
-        report["presets"][name] = measure(name, PRESETS[name], args.batch, args.repeats, device, switches)
+        measured = measure(name, PRESETS[name], args.batch, args.repeats, device, switches)
+        before = report["presets"].get(name, {})
+        same = before.get("batch") == measured["batch"]  # switches timed at another batch are not kept beside it
+        measured["commands"] = (before.get("commands", []) if same else []) + [command]
+        report["presets"][name] = {**before, **measured} if same else measured
         print(name, {k: round(v, 1) if isinstance(v, float) else v for k, v in report["presets"][name].items()},
               flush=True)
         path.write_text(json.dumps(report, indent=2) + "\n")  # after each preset: a long run keeps what it measured
