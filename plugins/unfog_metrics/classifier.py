@@ -507,7 +507,7 @@ class ClassAccuracy:
         labels_t = requested_labels("class_accuracy", labels, k, len(generated),
                                     classes=f" (the classifier's {k} classes; is it trained on the model's dataset?)")
         self._predicted.append(self.extractor.predict(generated))
-        self._labels.append(labels_t.long())
+        self._labels.append(labels_t)
 
     def compute(self) -> dict[str, float]:
         """``accuracy``, ``per_class_min`` and ``n`` over every sample since the last reset."""

@@ -98,7 +98,7 @@ class DigitsClassifierAccuracy:
             "from the config.",
         )
         self._predicted.append(self.predict(generated).numpy())
-        self._labels.append(labels_t.long().numpy())
+        self._labels.append(labels_t.numpy())
 
     def compute(self) -> dict[str, float]:
         """``accuracy``, ``per_class_min`` and ``n`` over every sample since the last reset."""
