@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from unfog.errors import RegistryError
 
-KINDS: tuple[str, ...] = ("backbone", "schedule", "sampler", "conditioner", "dataset", "metric")
+KINDS: tuple[str, ...] = ("backbone", "schedule", "sampler", "conditioner", "dataset", "metric", "exporter", "pipeline")
 ENTRY_POINT_GROUP = "unfog.plugins"
 
 T = TypeVar("T", bound=Callable[..., Any])
@@ -36,6 +36,7 @@ class Entry:
     obj: Callable[..., Any]
     module: str
     distribution: str | None
+    replaces: tuple[str, ...] = ()
 
     @property
     def provider(self) -> str:
@@ -63,7 +64,9 @@ class Plugin:
 
 
 _entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+_renamed: dict[str, dict[str, str]] = {kind: {} for kind in KINDS}  # old name -> current name
 _plugins: list[Plugin] = []
+_pending: list[metadata.EntryPoint] = []  # entry points found but not imported yet
 _discovered = False
 _lock = threading.RLock()
 _loading: list[Plugin] = []  # the plugin being imported, so registrations know their source
@@ -90,11 +93,16 @@ def _packages_distributions() -> dict[str, list[str]]:
     return _pkg_dists
 
 
-def register(kind: str, name: str) -> Callable[[T], T]:
+def register(kind: str, name: str, *, replaces: tuple[str, ...] | list[str] = ()) -> Callable[[T], T]:
     """Register a component class or factory under ``kind``/``name``; use as a decorator.
 
+    ``replaces`` lists former names of this component (one it took over from, say): configs
+    stored in older checkpoints still find it under them, and it may rewrite such a config
+    with an ``upgrade_config`` method (:class:`unfog.protocols.Upgradable`). Former names
+    are not listed by :func:`available` and are not config-group options.
+
     Raises:
-        RegistryError: if ``name`` is already taken by another provider.
+        RegistryError: if ``name`` (or a former name) is already taken by another provider.
     """
     _check_kind(kind)
 
@@ -102,16 +110,19 @@ def register(kind: str, name: str) -> Callable[[T], T]:
         module = getattr(obj, "__module__", "?")
         loading = _loading[-1] if _loading else None
         dist = loading.distribution if loading else _distribution_of(module)
-        entry = Entry(kind, name, obj, module, dist)
+        entry = Entry(kind, name, obj, module, dist, tuple(replaces))
         with _lock:
-            old = _entries[kind].get(name)
-            same = old is not None and (old.module, _qualname(old.obj)) == (module, _qualname(obj))
-            if old is not None and not same:
-                raise RegistryError(
-                    f"Duplicate {kind} name {name!r}: provided by {old.provider} "
-                    f"and by {entry.provider}. Rename one of them or uninstall one distribution."
-                )
+            for key in (name, *entry.replaces):
+                old = _entries[kind].get(key) or _entries[kind].get(_renamed[kind].get(key, ""))
+                same = old is not None and (old.module, _qualname(old.obj)) == (module, _qualname(obj))
+                if old is not None and not same:
+                    raise RegistryError(
+                        f"Duplicate {kind} name {key!r}: provided by {old.provider} "
+                        f"and by {entry.provider}. Rename one of them or uninstall one distribution."
+                    )
             _entries[kind][name] = entry
+            for former in entry.replaces:
+                _renamed[kind][former] = name
             if loading is not None:
                 loading.provides.append((kind, name))
         return obj
@@ -128,38 +139,51 @@ def _entry_points() -> list[metadata.EntryPoint]:
 
 
 def discover(*, refresh: bool = False) -> list[Plugin]:
-    """Import every ``unfog.plugins`` entry point once and return what each provided."""
+    """Import every ``unfog.plugins`` entry point once and return what each provided.
+
+    Re-entrant: a plugin that looks a component up while it is being imported (to subclass
+    another plugin's sampler, say) gets it whatever the entry points' order, because a
+    look-up that misses imports the plugins not imported yet (:func:`get`)."""
     global _discovered
     with _lock:
         if _discovered and not refresh:
+            _load_pending()
             return list(_plugins)
         _discovered = True
         if refresh:
             global _pkg_dists
             _pkg_dists = None
             importlib.invalidate_caches()  # see distributions pip-installed since the last look
-        known = {(p.name, p.module) for p in _plugins}
-        for ep in _entry_points():
-            if (ep.name, ep.value) in known:
-                continue
-            dist = ep.dist.name if ep.dist is not None else None
-            version = ep.dist.version if ep.dist is not None else None
-            plugin = Plugin(ep.name, ep.value, dist, version)
-            _plugins.append(plugin)
-            _loading.append(plugin)
-            try:
-                importlib.import_module(ep.value)
-            except Exception as exc:  # a broken plugin must not break the others
-                plugin.error = f"{type(exc).__name__}: {exc}"
-                warnings.warn(
-                    f"unfog plugin {ep.name!r} from distribution {dist!r} failed to import "
-                    f"({plugin.error}); its components are unavailable, everything else works.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            finally:
-                _loading.pop()
+        known = {(p.name, p.module) for p in _plugins} | {(ep.name, ep.value) for ep in _pending}
+        _pending.extend(ep for ep in _entry_points() if (ep.name, ep.value) not in known)
+        _load_pending()
         return list(_plugins)
+
+
+def _load_pending(until: Callable[[], bool] | None = None) -> None:
+    """Import pending entry points in name order, stopping early once ``until()`` holds."""
+    while _pending and not (until is not None and until()):
+        _load(_pending.pop(0))
+
+
+def _load(ep: metadata.EntryPoint) -> None:
+    dist = ep.dist.name if ep.dist is not None else None
+    version = ep.dist.version if ep.dist is not None else None
+    plugin = Plugin(ep.name, ep.value, dist, version)
+    _plugins.append(plugin)
+    _loading.append(plugin)
+    try:
+        importlib.import_module(ep.value)
+    except Exception as exc:  # a broken plugin must not break the others
+        plugin.error = f"{type(exc).__name__}: {exc}"
+        warnings.warn(
+            f"unfog plugin {ep.name!r} from distribution {dist!r} failed to import "
+            f"({plugin.error}); its components are unavailable, everything else works.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    finally:
+        _loading.pop()
 
 
 def plugins() -> list[Plugin]:
@@ -182,11 +206,18 @@ def get(kind: str, name: str) -> Entry:
         RegistryError: naming close matches, everything available and broken plugins.
     """
     _check_kind(kind)
-    discover()
-    try:
-        return _entries[kind][name]
-    except KeyError:
-        raise RegistryError(_unknown_message(kind, name)) from None
+    with _lock:
+        discover()
+        _load_pending(until=lambda: _lookup(kind, name) is not None)  # called from a plugin being imported
+        entry = _lookup(kind, name)
+    if entry is None:
+        raise RegistryError(_unknown_message(kind, name))
+    return entry
+
+
+def _lookup(kind: str, name: str) -> Entry | None:
+    entries = _entries[kind]
+    return entries.get(name) or entries.get(_renamed[kind].get(name, ""))
 
 
 def entries(kind: str) -> list[Entry]:
@@ -222,6 +253,7 @@ def isolated() -> Iterator[None]:
     with _lock:
         discover()
         saved = {kind: dict(v) for kind, v in _entries.items()}
+        saved_renamed = {kind: dict(v) for kind, v in _renamed.items()}
         saved_plugins = list(_plugins)
     try:
         yield
@@ -229,4 +261,6 @@ def isolated() -> Iterator[None]:
         with _lock:
             for kind, v in saved.items():
                 _entries[kind] = v
+            for kind, v in saved_renamed.items():
+                _renamed[kind] = v
             _plugins[:] = saved_plugins

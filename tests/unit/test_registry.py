@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata as metadata
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -94,3 +95,66 @@ def test_import_unfog_does_not_import_torch() -> None:
     code = "import sys, unfog; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+LOOKS_UP_AT_IMPORT = '''
+import unfog
+
+Base = unfog.get("sampler", "ddim").obj          # another plugin's sampler, looked up at import
+Tail = unfog.get("schedule", "zz_tail").obj       # and one from a plugin whose entry point comes later
+
+
+@unfog.register("sampler", "aa_subclass")
+class Subclass(Base):
+    """DDIM subclassed by a plugin whose entry point loads before unfog's samplers."""
+'''
+
+REGISTERS_LATE = '''
+import unfog
+from unfog_schedules.cosine import CosineSchedule
+
+
+@unfog.register("schedule", "zz_tail")
+class Tail(CosineSchedule):
+    """A schedule of a plugin whose entry point sorts last."""
+'''
+
+DISCOVER = '''
+import importlib.metadata as metadata
+import sys
+from unfog import registry
+
+real = registry._entry_points
+extra = [metadata.EntryPoint(name=n, value=m, group=registry.ENTRY_POINT_GROUP)
+         for n, m in (("aa_first", "plugin_aa"), ("zz_last", "plugin_zz"))]
+registry._entry_points = lambda: sorted([*real(), *extra], key=lambda ep: ep.name)
+import unfog
+print(unfog.get("sampler", "aa_subclass").obj.__mro__[1].__name__)
+print(sorted(p.name for p in unfog.plugins() if p.error))
+'''
+
+
+def test_a_plugin_may_look_up_another_plugins_component_while_it_is_imported(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "plugin_aa.py").write_text(LOOKS_UP_AT_IMPORT)
+    (tmp_path / "plugin_zz.py").write_text(REGISTERS_LATE)
+    out = subprocess.run([sys.executable, "-c", DISCOVER], capture_output=True, text=True, cwd=tmp_path,
+                         env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["DDIMSampler", "[]"], out.stdout + out.stderr
+
+
+def test_a_former_name_finds_the_component_that_replaced_it() -> None:
+    with registry.isolated():
+        @unfog.register("sampler", "new_name", replaces=("old_name",))
+        class Renamed:
+            """Renamed."""
+
+        assert unfog.get("sampler", "old_name").name == "new_name"
+        assert "old_name" not in unfog.available("sampler")
+        with pytest.raises(RegistryError, match="Duplicate sampler name 'old_name'"):
+            @unfog.register("sampler", "old_name")
+            class Squatter:
+                """Takes a name that now means another component."""
