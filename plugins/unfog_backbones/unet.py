@@ -1,20 +1,37 @@
-"""The DDPM / ADM U-Net for images."""
+"""One U-Net for every dimension: sound (C, L), images (C, H, W) and video (C, T, H, W)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from unfog import register
+from unfog.config import NAME_KEY, plain
 from unfog.errors import ConfigError
 from unfog_backbones.embeddings import concat_condition, sinusoidal_embedding, token_condition, vector_condition
 
+NAME = "unet"
 Resample = Literal["none", "up", "down"]
+_CONV: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+
+# The defaults of the former `unet1d` backbone (merged into this one), for its old configs.
+_UNET1D_DEFAULTS: dict[str, Any] = {
+    "channels": 32, "channel_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attention_levels": [3], "num_heads": 4,
+    "kernel_size": 5, "dropout": 0.0, "groups": 8,
+}
+_UNET2D_CHANNEL_MULT = [1, 2, 2, 2]  # the default channel_mult of the former image-only `unet`
+
+
+def conv_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
+    """A 1-, 2- or 3-D convolution for ``dims`` spatial axes (guided-diffusion's ``conv_nd``,
+    Dhariwal & Nichol 2021)."""
+    return _CONV[dims](*args, **kwargs)
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -25,20 +42,25 @@ def _zero(module: nn.Module) -> nn.Module:
 
 
 def _resample(x: Tensor, mode: Resample) -> Tensor:
-    """Parameter-free resampling used inside ADM's up/down residual blocks."""
+    """Parameter-free resampling of every spatial axis, used inside ADM's up/down residual blocks."""
     if mode == "up":
         return F.interpolate(x, scale_factor=2.0, mode="nearest")
     if mode == "down":
-        return F.avg_pool2d(x, kernel_size=2, stride=2)
+        return _AVG_POOL[x.ndim - 2](x, kernel_size=2, stride=2)
     return x
 
 
+def _spatial(v: Tensor, dims: int) -> Tensor:
+    """``v`` (B, C) as (B, C, 1, ..., 1), to broadcast over ``dims`` spatial axes."""
+    return v.reshape(*v.shape, *([1] * dims))
+
+
 class ResBlock(nn.Module):
-    """GroupNorm→SiLU→conv3x3, + time embedding, GroupNorm→SiLU→dropout→conv3x3, + skip.
+    """GroupNorm→SiLU→conv, + time embedding, GroupNorm→SiLU→dropout→conv, + skip (Ho et al. 2020).
 
     With ``scale_shift`` the embedding gives (scale, shift) applied as
-    GroupNorm(h)·(1 + scale) + shift (ADM's adaptive group norm); ``resample`` moves
-    up/down sampling inside the block (ADM's ``resblock_updown``).
+    GroupNorm(h)·(1 + scale) + shift (ADM's adaptive group norm, Dhariwal & Nichol 2021);
+    ``resample`` moves up/down sampling inside the block (ADM's ``resblock_updown``).
     """
 
     def __init__(
@@ -50,22 +72,25 @@ class ResBlock(nn.Module):
         groups: int,
         scale_shift: bool = False,
         resample: Resample = "none",
+        dims: int = 2,
+        kernel_size: int = 3,
     ) -> None:
         super().__init__()
         self.scale_shift = scale_shift
         self.resample = resample
+        pad = kernel_size // 2
         self.norm1 = nn.GroupNorm(groups, in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = conv_nd(dims, in_ch, out_ch, kernel_size, padding=pad)
         self.emb = nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch)
         self.norm2 = nn.GroupNorm(groups, out_ch)
         self.drop = nn.Dropout(dropout)
-        self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
-        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.conv2 = _zero(conv_nd(dims, out_ch, out_ch, kernel_size, padding=pad))
+        self.skip = conv_nd(dims, in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = F.silu(self.norm1(x))
         h = self.conv1(_resample(h, self.resample))
-        e = self.emb(emb)[:, :, None, None]
+        e = _spatial(self.emb(emb), x.ndim - 2)
         if self.scale_shift:
             scale, shift = e.chunk(2, dim=1)
             h = self.norm2(h) * (1 + scale) + shift
@@ -76,64 +101,65 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Multi-head self-attention over the pixels of a feature map, residual, output zero-init."""
+    """Multi-head self-attention over all positions of a feature map (Ho et al. 2020),
+    residual, output zero-init."""
 
-    def __init__(self, ch: int, num_heads: int, groups: int) -> None:
+    def __init__(self, ch: int, num_heads: int, groups: int, dims: int = 2) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.norm = nn.GroupNorm(groups, ch)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
-        self.proj = _zero(nn.Conv2d(ch, ch, 1))
+        self.qkv = conv_nd(dims, ch, 3 * ch, 1)
+        self.proj = _zero(conv_nd(dims, ch, ch, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        b, c, hgt, wid = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, hgt * wid)
-        q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # each (B, heads, HW, head_dim)
+        b, c = x.shape[:2]
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, -1)
+        q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # each (B, heads, positions, head_dim)
         out = F.scaled_dot_product_attention(q, k, v)
-        return x + self.proj(out.transpose(-1, -2).reshape(b, c, hgt, wid))
+        return x + self.proj(out.transpose(-1, -2).reshape(x.shape))
 
 
 class CrossAttentionBlock(nn.Module):
-    """Pixels attend to conditioning tokens: queries from the group-normed feature map, keys
+    """Positions attend to conditioning tokens: queries from the group-normed feature map, keys
     and values from the tokens (Rombach et al. 2022, Sec. 3.3), residual, output zero-init so
     a new block starts as the identity."""
 
-    def __init__(self, ch: int, context_dim: int, num_heads: int, groups: int) -> None:
+    def __init__(self, ch: int, context_dim: int, num_heads: int, groups: int, dims: int = 2) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.norm = nn.GroupNorm(groups, ch)
-        self.q = nn.Conv2d(ch, ch, 1)
+        self.q = conv_nd(dims, ch, ch, 1)
         self.context_norm = nn.LayerNorm(context_dim)
         self.kv = nn.Linear(context_dim, 2 * ch)
-        self.proj = _zero(nn.Conv2d(ch, ch, 1))
+        self.proj = _zero(conv_nd(dims, ch, ch, 1))
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        b, c, hgt, wid = x.shape
+        b, c = x.shape[:2]
         heads, d = self.num_heads, c // self.num_heads
-        q = self.q(self.norm(x)).reshape(b, heads, d, hgt * wid).transpose(-1, -2)  # (B, heads, HW, d)
+        q = self.q(self.norm(x)).reshape(b, heads, d, -1).transpose(-1, -2)  # (B, heads, positions, d)
         kv = self.kv(self.context_norm(context.to(x.dtype)))  # (B, L, 2C)
         k, v = kv.reshape(b, -1, 2, heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, L, d)
         out = F.scaled_dot_product_attention(q, k, v)
-        return x + self.proj(out.transpose(-1, -2).reshape(b, c, hgt, wid))
+        return x + self.proj(out.transpose(-1, -2).reshape(x.shape))
 
 
 class Downsample(nn.Module):
-    """DDPM's downsampling: a 3x3 convolution with stride 2."""
+    """DDPM's downsampling (Ho et al. 2020): a convolution with stride 2 along every axis."""
 
-    def __init__(self, ch: int) -> None:
+    def __init__(self, ch: int, dims: int = 2, kernel_size: int = 3) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.conv = conv_nd(dims, ch, ch, kernel_size, stride=2, padding=kernel_size // 2)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(x)
 
 
 class Upsample(nn.Module):
-    """DDPM's upsampling: nearest-neighbour ×2, then a 3x3 convolution."""
+    """DDPM's upsampling (Ho et al. 2020): nearest-neighbour ×2 along every axis, then a convolution."""
 
-    def __init__(self, ch: int) -> None:
+    def __init__(self, ch: int, dims: int = 2, kernel_size: int = 3) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = conv_nd(dims, ch, ch, kernel_size, padding=kernel_size // 2)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(_resample(x, "up"))
@@ -165,45 +191,57 @@ class _BlockSpec:
     resblock_updown: bool
     num_heads: int
     context_dim: int
+    dims: int
+    kernel_size: int
 
 
-@register("backbone", "unet")
+@register("backbone", NAME, replaces=("unet1d",))
 class UNetBackbone(nn.Module):
-    """U-Net of DDPM (Ho et al. 2020) with ADM's options (Dhariwal & Nichol 2021), for images.
+    """U-Net of DDPM (Ho et al. 2020) with ADM's options (Dhariwal & Nichol 2021), for 1-D, 2-D and 3-D data.
 
-    A 3x3 input convolution, ``len(channel_mult)`` resolution levels going down (each with
-    ``num_res_blocks`` residual blocks, then a downsampling), a middle res–attention–res
-    section, and the mirror image going up (``num_res_blocks + 1`` blocks per level, each
-    concatenating a skip connection), then GroupNorm→SiLU→3x3 convolution (zero-init). The
-    sinusoidal embedding of 1000·t goes through Linear→SiLU→Linear to 4·``channels``, and the
-    projected ``"vector"`` conditioning is added to it. The defaults are the paper's CIFAR-10
-    network (35.7 M parameters).
+    One network for sound (C, L), images (C, H, W) and video (C, T, H, W): as guided-diffusion's
+    ``conv_nd``, the convolutions are 1-, 2- or 3-D by the number of spatial axes, and every
+    spatial axis is halved from one level to the next. A ``kernel_size`` input convolution,
+    ``len(channel_mult)`` levels going down (each with ``num_res_blocks`` residual blocks,
+    then a downsampling), a middle res–attention–res section, and the mirror image going up
+    (``num_res_blocks + 1`` blocks per level, each concatenating a skip connection), then
+    GroupNorm→SiLU→convolution (zero-init). The sinusoidal embedding of 1000·t goes through
+    Linear→SiLU→Linear to 4·``channels``, and the projected ``"vector"`` conditioning is added
+    to it. The defaults are the paper's CIFAR-10 network (35.7 M parameters). On 1-D data this
+    is the 1-D U-Net used for waveforms (as in Kong et al. 2021, DiffWave, and Chen et al.
+    2021, WaveGrad); ``use_scale_shift_norm=True, kernel_size=5`` is the former ``unet1d``.
+
+    Any size works: the input is padded at the end of every spatial axis (replicating the
+    last value) to a multiple of 2**(len(channel_mult) − 1), so that every level halves it
+    exactly, and the output is cropped back; a 40×30 image with 4 levels runs at 40×32.
+    The padding is seen by convolutions, group norms and attention, so it is best kept small.
 
     The other two conditioning routes are wired from the model's conditioners: ``"tokens"``
     (width ``context_dim``) are attended to by a cross-attention block after every
     self-attention block, the middle one included (Rombach et al. 2022); ``"concat"``
-    (``cond_channels`` channels at the image's size) are stacked onto the input.
+    (``cond_channels`` channels at the data's size) are stacked onto the input.
 
     Args:
         channels: base channel count (width of the first level).
-        channel_mult: width multiplier of each resolution level, from the input resolution down.
+        channel_mult: width multiplier of each level, from the full size down.
         num_res_blocks: residual blocks per level on the way down.
-        attention_resolutions: feature-map sides (in pixels; the height for non-square input)
-            at which self-attention follows each residual block.
+        attention_levels: levels (0 = full size, each next one half as large along every
+            axis) at which self-attention follows each residual block; the middle always has it.
         num_heads: attention heads.
         dropout: dropout probability inside the residual blocks.
         use_scale_shift_norm: condition residual blocks on the embedding by a scale and shift
             of the group norm (ADM) instead of by adding it.
         resblock_updown: resample with residual blocks (ADM) instead of a strided convolution
             down and nearest-neighbour + convolution up (DDPM).
-        coord_channels: stack the pixel coordinates (y, x in [−1, 1]) onto the input
-            (CoordConv, Liu et al. 2018): convolutions and attention without positional
+        groups: GroupNorm groups; every level's width must be divisible by it.
+        coord_channels: stack the position along every spatial axis (in [−1, 1]) onto the
+            input (CoordConv, Liu et al. 2018): convolutions and attention without positional
             embeddings cannot tell where a pixel is beyond their receptive field, which a
             prompt such as "in the top left" needs.
-        groups: GroupNorm groups; every level's width must be divisible by it.
+        kernel_size: width of every convolution along each axis (odd; 1×1 projections aside).
     """
 
-    data_ranks: ClassVar[tuple[int, ...]] = (3,)
+    data_ranks: ClassVar[tuple[int, ...]] = (2, 3, 4)
     routes: ClassVar[tuple[str, ...]] = ("vector", "tokens", "concat")
 
     def __init__(
@@ -215,37 +253,40 @@ class UNetBackbone(nn.Module):
         channels: int = 128,
         channel_mult: tuple[int, ...] = (1, 2, 2, 2),
         num_res_blocks: int = 2,
-        attention_resolutions: tuple[int, ...] = (16,),
+        attention_levels: tuple[int, ...] = (1,),
         num_heads: int = 1,
         dropout: float = 0.1,
         use_scale_shift_norm: bool = False,
         resblock_updown: bool = False,
         groups: int = 32,
         coord_channels: bool = False,
+        kernel_size: int = 3,
     ) -> None:
         super().__init__()
         data_shape, channel_mult = tuple(data_shape), tuple(channel_mult)
-        attention_resolutions = tuple(attention_resolutions)
-        _check_scalars(data_shape, cond_dim, channels, num_res_blocks, num_heads, groups, dropout)
-        _check_sizes(data_shape, channel_mult, attention_resolutions)
-        _check_widths(channels, channel_mult, attention_resolutions, data_shape[1], num_heads, groups)
+        attention_levels = tuple(attention_levels)
+        _check_scalars(data_shape, cond_dim, context_dim, cond_channels, channels, num_res_blocks, num_heads,
+                       kernel_size, groups, dropout)
+        _check_levels(channel_mult, attention_levels)
+        _check_widths(channels, channel_mult, attention_levels, num_heads, groups)
         self.data_shape = data_shape
         self.cond_dim = cond_dim
         self.context_dim = context_dim
         self.cond_channels = cond_channels
         self.channels = channels
-        self._spec = _BlockSpec(
-            4 * channels, dropout, groups, use_scale_shift_norm, resblock_updown, num_heads, context_dim
-        )
+        self.coord_channels = coord_channels
+        self.multiple = 2 ** (len(channel_mult) - 1)
+        dims = len(data_shape) - 1
+        self._spec = _BlockSpec(4 * channels, dropout, groups, use_scale_shift_norm, resblock_updown, num_heads,
+                                context_dim, dims, kernel_size)
         self.time_mlp = nn.Sequential(
             nn.Linear(channels, 4 * channels), nn.SiLU(), nn.Linear(4 * channels, 4 * channels)
         )
         self.cond_proj = nn.Linear(cond_dim, 4 * channels) if cond_dim > 0 else None
-        self.coord_channels = coord_channels
-        self.inp = nn.Conv2d(data_shape[0] + cond_channels + (2 if coord_channels else 0), channels, 3, padding=1)
+        in_ch = data_shape[0] + cond_channels + (dims if coord_channels else 0)
+        self.inp = conv_nd(dims, in_ch, channels, kernel_size, padding=kernel_size // 2)
         widths = [channels * m for m in channel_mult]
-        sides = [data_shape[1] // 2**level for level in range(len(channel_mult))]
-        attends = [side in attention_resolutions for side in sides]
+        attends = [level in attention_levels for level in range(len(channel_mult))]
         self.down, skips = self._down_path(widths, attends, num_res_blocks)
         self.middle = Stage(
             self._res(widths[-1], widths[-1]), *self._attn(widths[-1]), self._res(widths[-1], widths[-1])
@@ -254,25 +295,50 @@ class UNetBackbone(nn.Module):
         self.out = nn.Sequential(
             nn.GroupNorm(groups, widths[0]),
             nn.SiLU(),
-            _zero(nn.Conv2d(widths[0], data_shape[0], 3, padding=1)),
+            _zero(conv_nd(dims, widths[0], data_shape[0], kernel_size, padding=kernel_size // 2)),
         )
+
+    @classmethod
+    def upgrade_config(cls, node: Mapping[str, Any], wiring: Mapping[str, Any]) -> dict[str, Any]:
+        """A config node of the former ``unet`` (``attention_resolutions`` in pixels) or
+        ``unet1d`` rewritten for this class; a current node comes back unchanged.
+
+        ``wiring["data_shape"]`` turns the old pixel sides (along the height) into levels.
+        """
+        node = dict(plain(node))
+        if node.pop(NAME_KEY, NAME) == "unet1d":  # it always used the scale-shift norm
+            return {NAME_KEY: NAME, **_UNET1D_DEFAULTS, **node, "use_scale_shift_norm": True}
+        if "attention_resolutions" not in node:
+            return {NAME_KEY: NAME, **node}
+        if "attention_levels" in node:
+            raise ConfigError(
+                f"{NAME}: the config sets both attention_resolutions (old, in pixels) and attention_levels; "
+                "keep only attention_levels."
+            )
+        mult = node.get("channel_mult", _UNET2D_CHANNEL_MULT)
+        levels = _levels_of(list(node["attention_resolutions"]), len(mult), wiring.get("data_shape"))
+        renamed = {("attention_levels" if k == "attention_resolutions" else k): v for k, v in node.items()}
+        return {NAME_KEY: NAME, **renamed, "attention_levels": levels}
 
     def _res(self, cin: int, cout: int, resample: Resample = "none") -> ResBlock:
         sp = self._spec
-        return ResBlock(cin, cout, sp.emb_dim, sp.dropout, sp.groups, sp.scale_shift, resample)
+        return ResBlock(cin, cout, sp.emb_dim, sp.dropout, sp.groups, sp.scale_shift, resample, sp.dims,
+                        sp.kernel_size)
 
     def _attn(self, ch: int) -> list[nn.Module]:
         """Self-attention, then cross-attention to the tokens when there are any."""
         sp = self._spec
-        blocks: list[nn.Module] = [AttentionBlock(ch, sp.num_heads, sp.groups)]
+        blocks: list[nn.Module] = [AttentionBlock(ch, sp.num_heads, sp.groups, sp.dims)]
         if sp.context_dim > 0:
-            blocks.append(CrossAttentionBlock(ch, sp.context_dim, sp.num_heads, sp.groups))
+            blocks.append(CrossAttentionBlock(ch, sp.context_dim, sp.num_heads, sp.groups, sp.dims))
         return blocks
 
     def _resample(self, ch: int, mode: Resample) -> nn.Module:
-        if self._spec.resblock_updown:
+        sp = self._spec
+        if sp.resblock_updown:
             return self._res(ch, ch, mode)
-        return Downsample(ch) if mode == "down" else Upsample(ch)
+        cls = Downsample if mode == "down" else Upsample
+        return cls(ch, sp.dims, sp.kernel_size)
 
     def _down_path(
         self, widths: list[int], attends: list[bool], num_res_blocks: int
@@ -310,18 +376,18 @@ class UNetBackbone(nn.Module):
     def embed(self, t: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
         """Time embedding of ``t`` (B,) plus the projected vector conditioning, (B, 4·channels)."""
         emb = self.time_mlp(sinusoidal_embedding(t, self.channels).to(self.inp.weight.dtype))
-        vec = vector_condition(cond, self.cond_dim, "unet")
+        vec = vector_condition(cond, self.cond_dim, NAME)
         if self.cond_proj is not None and vec is not None:
-            emb = emb + self.cond_proj(vec)
+            emb = emb + self.cond_proj(vec.to(emb.dtype))
         return F.silu(emb)
 
     def forward(self, x: Tensor, t: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
-        """Output shaped like ``x`` (B, C, H, W) for times ``t`` (B,) in [0, 1]."""
+        """Output shaped like ``x`` (B, C, *spatial) for times ``t`` (B,) in [0, 1]."""
         emb = self.embed(t, cond)
-        context = token_condition(cond, self.context_dim, "unet")
-        extra = concat_condition(cond, x, self.cond_channels, "unet")
+        context = token_condition(cond, self.context_dim, NAME)
+        extra = concat_condition(cond, x, self.cond_channels, NAME)
         parts = [x] + ([extra.to(x.dtype)] if extra is not None else []) + ([_coords(x)] if self.coord_channels else [])
-        h = self.inp(torch.cat(parts, dim=1) if len(parts) > 1 else x)
+        h = self.inp(_pad_end(torch.cat(parts, dim=1) if len(parts) > 1 else x, self.multiple))
         skips = [h]
         for stage in self.down:
             h = stage(h, emb, context)
@@ -329,92 +395,117 @@ class UNetBackbone(nn.Module):
         h = self.middle(h, emb, context)
         for stage in self.up:
             h = stage(torch.cat([h, skips.pop()], dim=1), emb, context)
-        return self.out(h)
+        return self.out(h)[(slice(None), slice(None), *(slice(0, n) for n in x.shape[2:]))]
+
+
+def _pad_end(x: Tensor, multiple: int) -> Tensor:
+    """``x`` padded at the end of every spatial axis, replicating its last value, to a multiple of ``multiple``."""
+    extra = [-n % multiple for n in x.shape[2:]]
+    if not any(extra):
+        return x
+    return F.pad(x, [p for e in reversed(extra) for p in (0, e)], mode="replicate")  # F.pad lists the last axis first
 
 
 def _coords(x: Tensor) -> Tensor:
-    """The pixel coordinates (B, 2, H, W): y then x, each from −1 to 1."""
-    b, _, h, w = x.shape
-    ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype)
-    xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype)
-    return torch.stack(torch.meshgrid(ys, xs, indexing="ij")).expand(b, 2, h, w)
+    """The positions (B, D, *spatial) along each of the D spatial axes (for images y, then x), each from −1 to 1."""
+    axes = [torch.linspace(-1.0, 1.0, n, device=x.device, dtype=x.dtype) for n in x.shape[2:]]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+    return grid.expand(x.shape[0], *grid.shape)
+
+
+def _levels_of(resolutions: list[int], num_levels: int, data_shape: Any) -> list[int]:
+    """The levels at which the former ``unet`` attended, from its sides in pixels along the height."""
+    if not resolutions:
+        return []
+    if data_shape is None or len(data_shape) < 2:
+        raise ConfigError(
+            f"{NAME}: converting attention_resolutions {resolutions} (pixels) to attention_levels needs the data "
+            f"shape (C, H, W); got {data_shape}. Set attention_levels instead (0 = full size, 1 = half, ...)."
+        )
+    sides = [int(data_shape[1]) // 2**level for level in range(num_levels)]
+    never = [r for r in resolutions if r not in sides]
+    if never:
+        raise ConfigError(
+            f"{NAME}: attention_resolutions {resolutions} include {never}, which the feature maps never reach; "
+            f"with data_shape {tuple(data_shape)} and {num_levels} levels the sides are {sides}. "
+            "Set attention_levels instead (0 = full size, 1 = half, ...)."
+        )
+    return [level for level, side in enumerate(sides) if side in resolutions]
 
 
 def _check_scalars(
     data_shape: tuple[int, ...],
     cond_dim: int,
+    context_dim: int,
+    cond_channels: int,
     channels: int,
     num_res_blocks: int,
     num_heads: int,
+    kernel_size: int,
     groups: int,
     dropout: float,
 ) -> None:
     """Refuse a wrong data rank and out-of-range sizes, saying what to change."""
-    if len(data_shape) != 3 or min(data_shape) < 1:
+    if len(data_shape) not in UNetBackbone.data_ranks or min(data_shape) < 1:
         raise ConfigError(
-            f"unet: data_shape must be an image shape (C, H, W) of positive sizes; got {data_shape}. "
-            "For vectors or 2-D points use the 'mlp' backbone."
+            f"{NAME}: data_shape must be (C, L) for sequences such as sound, (C, H, W) for images or "
+            f"(C, T, H, W) for video, of positive sizes; got {data_shape}. For vectors or 2-D points use "
+            "the 'mlp' backbone."
         )
-    if cond_dim < 0:
-        raise ConfigError(f"unet: cond_dim must be 0 (unconditional) or positive; got {cond_dim}.")
+    for name, value in {"cond_dim": cond_dim, "context_dim": context_dim, "cond_channels": cond_channels}.items():
+        if value < 0:
+            raise ConfigError(f"{NAME}: {name} must be 0 (not used) or positive; got {value}.")
     named = {"channels": channels, "num_res_blocks": num_res_blocks, "num_heads": num_heads, "groups": groups}
     for name, value in named.items():
         if value < 1:
-            raise ConfigError(f"unet: {name} must be at least 1; got {value}.")
+            raise ConfigError(f"{NAME}: {name} must be at least 1; got {value}. Set {name} to 1 or more.")
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ConfigError(
+            f"{NAME}: kernel_size must be a positive odd number (so that 'same' padding keeps the size); "
+            f"got {kernel_size}. Try 3 or 5."
+        )
     if not 0.0 <= dropout < 1.0:
-        raise ConfigError(f"unet: dropout must lie in [0, 1); got {dropout}.")
+        raise ConfigError(f"{NAME}: dropout must lie in [0, 1); got {dropout}. 0.0 turns it off.")
 
 
-def _check_sizes(
-    data_shape: tuple[int, ...], channel_mult: tuple[int, ...], attention_resolutions: tuple[int, ...]
-) -> None:
-    """Refuse levels that do not divide the image and attention that is never reached."""
+def _check_levels(channel_mult: tuple[int, ...], attention_levels: tuple[int, ...]) -> None:
+    """Refuse an empty or non-positive channel_mult and attention at levels that do not exist."""
     if not channel_mult or min(channel_mult) < 1:
         raise ConfigError(
-            f"unet: channel_mult must be a non-empty list of positive multipliers; got {list(channel_mult)}."
+            f"{NAME}: channel_mult must be a non-empty list of positive multipliers; got {list(channel_mult)}. "
+            "Give one multiplier per level, e.g. [1, 2, 2, 2]."
         )
-    factor = 2 ** (len(channel_mult) - 1)
-    _, h, w = data_shape
-    if h % factor or w % factor:
-        raise ConfigError(
-            f"unet: the image size {h}x{w} must be divisible by 2**(len(channel_mult)-1) = {factor}, "
-            f"since channel_mult {list(channel_mult)} halves it {len(channel_mult) - 1} times. "
-            "Use fewer levels or pad/resize the images."
-        )
-    sides = [h // 2**level for level in range(len(channel_mult))]
-    never = [r for r in attention_resolutions if r not in sides]
+    levels = list(range(len(channel_mult)))
+    never = [a for a in attention_levels if a not in levels]
     if never:
         raise ConfigError(
-            f"unet: attention_resolutions {list(attention_resolutions)} include {never}, which the "
-            f"feature maps never reach; with data_shape {data_shape} and {len(channel_mult)} levels "
-            f"the sides are {sides}. Pick resolutions from those (or [] for no attention)."
+            f"{NAME}: attention_levels {list(attention_levels)} include {never}, but with channel_mult "
+            f"{list(channel_mult)} the levels are {levels} (0 = full size, level k is halved k times along "
+            "every axis). Pick levels from those (or [] for attention only in the middle)."
         )
 
 
 def _check_widths(
     channels: int,
     channel_mult: tuple[int, ...],
-    attention_resolutions: tuple[int, ...],
-    side: int,
+    attention_levels: tuple[int, ...],
     num_heads: int,
     groups: int,
 ) -> None:
     """Refuse widths that GroupNorm or the attention heads cannot split."""
-    if channels % groups:
+    bad_groups = sorted({w for w in (channels, *(channels * m for m in channel_mult)) if w % groups})
+    if bad_groups:
         raise ConfigError(
-            f"unet: channels={channels} must be divisible by groups={groups} (GroupNorm splits every "
-            "level's channels into that many groups). Change channels or groups."
+            f"{NAME}: channels and every level's width channels·channel_mult must be divisible by groups={groups} "
+            f"(GroupNorm splits the channels into that many groups); these are not: {bad_groups}. "
+            "Change channels, channel_mult or groups."
         )
     last = len(channel_mult) - 1
-    with_attn = [
-        channels * m
-        for lvl, m in enumerate(channel_mult)
-        if side // 2**lvl in attention_resolutions or lvl == last
-    ]
+    with_attn = sorted({channels * m for lvl, m in enumerate(channel_mult) if lvl in attention_levels or lvl == last})
     bad = [c for c in with_attn if c % num_heads]
     if bad:
         raise ConfigError(
-            f"unet: num_heads={num_heads} must divide the channel count of every attention layer; "
+            f"{NAME}: num_heads={num_heads} must divide the channel count of every attention layer; "
             f"these have {bad} channels (the middle block always has attention). "
             "Change num_heads or channels."
         )

@@ -174,7 +174,7 @@ def _module(**kw):  # noqa: ANN003, ANN202
     from unfog.training import DiffusionModule
 
     backbone = unfog.create("backbone", "unet", data_shape=(3, 8, 8), cond_dim=0, channels=8, channel_mult=[1],
-                            num_res_blocks=1, attention_resolutions=[], groups=4)
+                            num_res_blocks=1, attention_levels=[], groups=4)
     return DiffusionModule(DiffusionModel(backbone), unfog.create("schedule", "cosine"), **kw)
 
 
