@@ -1,20 +1,19 @@
-"""Any folder of sound files, cut into fixed-length clips, optionally labelled by subfolder."""
+"""Any folder of sound files, cut into fixed-length clips, optionally labelled by subfolder and captioned."""
 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from unfog import register
-from unfog.errors import ConfigError, DataError
-from unfog_datasets._common import check_index, check_int, readable_files
+from unfog.errors import ConfigError
+from unfog_datasets._common import check_int
+from unfog_datasets.folder import Captions, FolderDataset
 
 # Extensions of the formats libsndfile reads (mp3 and opus need libsndfile ≥ 1.1).
 AUDIO_EXTENSIONS: tuple[str, ...] = (
@@ -33,18 +32,6 @@ def _soundfile() -> Any:
             "Install it with: pip install 'unfog[audio]'"
         ) from exc
     return soundfile
-
-
-def find_audio(root: Path) -> list[Path]:
-    """Sound files under ``root`` (recursively, extension case-insensitive), sorted; hidden
-    files and folders (names starting with ``.``) are left out."""
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in AUDIO_EXTENSIONS:
-                found.append(Path(dirpath, name))
-    return sorted(found)
 
 
 def _ratio(source_rate: int, target_rate: int) -> tuple[int, int]:
@@ -114,7 +101,7 @@ def _match_channels(x: np.ndarray, channels: int) -> np.ndarray:
 
 
 @register("dataset", "audio_folder")
-class AudioFolder(Dataset):
+class AudioFolder(FolderDataset):
     """Every sound file under a folder (searched recursively), as fixed-length clips.
 
     Files are read with soundfile (libsndfile: wav, flac, ogg, aiff, au, caf, w64, and mp3
@@ -125,8 +112,10 @@ class AudioFolder(Dataset):
     ``length`` are zero-padded at the end. ``channels`` = 1 mixes all channels down to mono;
     more keeps the first ``channels``. Values lie in [-1, 1] (float files are clipped). When
     every file lies in an immediate or deeper subfolder of ``root``, the names of the
-    immediate subfolders, sorted, are the classes 0..K-1; otherwise the clips are
-    unlabelled. Files are read when requested, not held in memory.
+    immediate subfolders, sorted, are the classes 0..K-1 (field ``label``); otherwise the
+    clips are unlabelled. Captions (field ``caption``) come from a ``metadata.jsonl`` (lines
+    ``{"file_name": "a.wav", "text": "..."}``) or a ``NAME.txt`` beside ``NAME.wav``. Files
+    are read when requested, not held in memory.
 
     Args:
         root: the folder (``~`` is expanded).
@@ -136,7 +125,13 @@ class AudioFolder(Dataset):
         seed: seed of the crop positions (a non-negative integer).
         skip_bad_files: check every file when the dataset is built and leave out those that
             cannot be read (listed in ``skipped``), instead of failing when one is loaded.
+        captions: ``auto`` uses captions when the folder has any and refuses files without
+            one; ``optional`` gives those the caption ``""``; ``none`` ignores captions.
     """
+
+    name = "audio_folder"
+    what = "sound"
+    extensions = AUDIO_EXTENSIONS
 
     def __init__(
         self,
@@ -146,90 +141,30 @@ class AudioFolder(Dataset):
         channels: int = 1,
         seed: int = 0,
         skip_bad_files: bool = False,
+        captions: Captions = "auto",
     ) -> None:
         check_int("audio_folder", "sample_rate", sample_rate, minimum=1)
         check_int("audio_folder", "length", length, minimum=1)
         check_int("audio_folder", "channels", channels, minimum=1)
         check_int("audio_folder", "seed", seed, minimum=0)
-        if not isinstance(root, (str, os.PathLike)) or not str(root):
-            raise ConfigError(f"audio_folder: root must be the path of a folder of sound files; got {root!r}.")
         _soundfile()
-        path = Path(root).expanduser()
-        if not path.is_dir():
-            what = "is a file, not a folder" if path.exists() else "does not exist"
-            raise ConfigError(
-                f"audio_folder: root {str(path)!r} {what} (root={root!r}). "
-                "Set dataset.root to a folder holding sound files."
-            )
-        files = find_audio(path)
-        if not files:
-            raise ConfigError(
-                f"audio_folder: no sound files found under {str(path)!r} (searched recursively for "
-                f"{', '.join(AUDIO_EXTENSIONS)}, any letter case). Check dataset.root."
-            )
-        self.root = str(path)
         self.sample_rate, self.length, self.channels, self.seed = sample_rate, length, channels, seed
-        self.skip_bad_files = skip_bad_files
-        self.skipped: list[str] = []
-        if skip_bad_files:
-            files = self._drop_bad(files)
-
-        rel_parts = [f.relative_to(path).parts for f in files]
-        labelled = all(len(parts) > 1 for parts in rel_parts)
-        self.files: list[str] = [str(f) for f in files]
         self.data_shape: tuple[int, ...] = (channels, length)
         self.data_range: tuple[float, float] | None = AUDIO_RANGE
-        if labelled:
-            names = sorted({parts[0] for parts in rel_parts})
-            index = {name: i for i, name in enumerate(names)}
-            self.labels: list[int] | None = [index[parts[0]] for parts in rel_parts]
-            self.class_names: tuple[str, ...] | None = tuple(names)
-            self.num_classes: int | None = len(names)
-            self.fields: tuple[str, ...] = ("x", "label")
-        else:
-            self.labels = None
-            self.class_names = None
-            self.num_classes = None
-            self.fields = ("x",)
+        super().__init__(root, skip_bad_files=skip_bad_files, captions=captions)
 
-    def _drop_bad(self, files: list[Path]) -> list[Path]:
+    def load(self, path: str, index: int) -> Tensor:
+        """The clip of item ``index``: its window start is drawn from (``seed``, ``index``)."""
+        rng = np.random.default_rng([self.seed, index])
+        return load_clip(path, sample_rate=self.sample_rate, length=self.length, channels=self.channels, rng=rng)
+
+    def check(self, path: Path) -> None:
+        """Read the header and the first frame of ``path``, raising if it holds no audio."""
         sf = _soundfile()
+        if sf.info(str(path)).frames < 1:
+            raise ValueError("the file holds no audio")
+        sf.read(str(path), frames=1, dtype="float32")
 
-        def check(f: Path) -> None:
-            if sf.info(str(f)).frames < 1:
-                raise ValueError("the file holds no audio")
-            sf.read(str(f), frames=1, dtype="float32")
-
-        return readable_files("audio_folder", files, self.root, "sound", check, self.skipped)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        i = check_index("audio_folder", index, len(self.files))
-        path = self.files[i]
-        rng = np.random.default_rng([self.seed, i])
-        try:
-            x = load_clip(path, sample_rate=self.sample_rate, length=self.length, channels=self.channels, rng=rng)
-        except ConfigError:
-            raise
-        except Exception as exc:  # libsndfile reports broken files with several error types
-            hint = (
-                "The file was readable when the dataset was built; check whether it changed."
-                if self.skip_bad_files
-                else "Fix or remove it, or pass `dataset.skip_bad_files=true` to skip unreadable files."
-            )
-            raise DataError(
-                f"audio_folder: cannot read sound file {path!r} ({type(exc).__name__}: {exc}). {hint}"
-            ) from exc
-        item: dict[str, Any] = {"x": x}
-        if self.labels is not None:
-            item["label"] = torch.tensor(self.labels[i], dtype=torch.long)
-        return item
-
-    def __repr__(self) -> str:
-        labels = f"{self.num_classes} classes" if self.num_classes is not None else "unlabelled"
-        return (
-            f"AudioFolder(root={self.root!r}, n={len(self)}, sample_rate={self.sample_rate}, "
-            f"shape={self.data_shape}, {labels})"
-        )
+    def settings_repr(self) -> list[str]:
+        """The sample rate, shown in ``repr``."""
+        return [f"sample_rate={self.sample_rate}"]

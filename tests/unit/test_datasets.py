@@ -258,7 +258,7 @@ def test_image_folder_missing_root_empty_root_and_bad_settings(tmp_path):
     assert str(missing) in str(info.value)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images")
-    with pytest.raises(DataError, match="no images found") as info:
+    with pytest.raises(DataError, match="no image files found") as info:
         unfog.create("dataset", "image_folder", root=str(tmp_path / "empty"))
     assert str(tmp_path / "empty") in str(info.value) and ".png" in str(info.value)
     write_png(tmp_path / "ok" / "a.png")
