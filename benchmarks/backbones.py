@@ -60,7 +60,7 @@ BIG = {"dit_s2", "dit_b2", "dit_l2", "dit_xl2", "unet_cifar10"}  # on the CPU on
 def build(name: str, data_shape: tuple[int, ...], **extra: Any) -> torch.nn.Module:
     from hydra import compose, initialize_config_dir
 
-    from unfog.cli import conf_dir
+    from unfog.commands import conf_dir
     from unfog.config import build as build_component
     from unfog.config import register_configs
 

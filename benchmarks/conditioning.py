@@ -55,23 +55,23 @@ GRID_PROMPTS = [
 ]
 
 
-def load(checkpoint: Path) -> tuple[Any, Any, Any, dict[str, Any]]:
+def load(checkpoint: Path) -> tuple[Any, Any]:
+    """The checkpoint's pipeline and the sampler it was trained with."""
     from unfog.config import build
-    from unfog.run import load_checkpoint
+    from unfog.pipeline import Pipeline
 
-    model, schedule, meta = load_checkpoint(checkpoint)
-    return model, schedule, build("sampler", meta["config"]["sampler"]), meta
+    pipeline = Pipeline.load(checkpoint)
+    return pipeline, build("sampler", pipeline.config["sampler"])
 
 
 def draw(checkpoint: Path, values: dict[str, Any], n: int, guidance: Any = 1.0, seed: int = 0,
          **kw: Any) -> Tensor:
-    from unfog.sampling import generate
+    """``n`` samples for ``values``; ``kw`` are further SamplingSettings (guidance_rescale, ...)."""
+    from unfog.schemas import SamplingSettings
 
-    model, schedule, sampler, meta = load(checkpoint)
-    wiring = meta["wiring"]
-    return generate(model, schedule, sampler, meta["config"]["prediction"], wiring["data_shape"], range(n),
-                    seed=seed, values=values, guidance=guidance, clip=tuple(wiring["data_range"]),
-                    batch_size=128, progress=True, **kw)
+    pipeline, sampler = load(checkpoint)
+    settings = SamplingSettings(guidance=guidance, seed=seed, batch_size=128, **kw)
+    return pipeline.generate(sampler, n, values, settings, progress=True)
 
 
 def held_out_shapes(n: int) -> dict[str, Any]:
@@ -124,8 +124,8 @@ def run_text(checkpoint: Path, n: int, guidances: Sequence[float], docs: Path | 
 
 
 def run_sr(checkpoint: Path, n: int, docs: Path | None) -> dict[str, Any]:
-    model, _, _, _ = load(checkpoint)
-    cond = model.conditioners["image_concat"]
+    pipeline, _ = load(checkpoint)
+    cond = pipeline.conditioners["image_concat"]
     batch = held_out_shapes(n)
     x, captions = batch["x"], list(batch["caption"])
     low = torch.nn.functional.interpolate(x, scale_factor=0.5, mode="area")

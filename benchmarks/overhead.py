@@ -2,7 +2,7 @@
 
 1. Training: steps/s of ``DiffusionModule`` under ``lightning.Trainer`` against a hand-written
    loop doing the same work (same backbone, batches, AdamW, gradient clipping, EMA update).
-2. Sampling: wall time of ``unfog.sampling.generate`` with a sampler of S steps against
+2. Sampling: wall time of ``unfog.pipeline.DiffusionPipeline.generate`` with a sampler of S steps against
    S × one backbone forward on the same batch (the floor for any S-step sampler).
 
 Ratios near 1.0 mean the framework adds nothing measurable.
@@ -23,18 +23,19 @@ import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 
-from unfog.cli import conf_dir
+from unfog.commands import conf_dir
 from unfog.config import build, register_configs
 from unfog.diffusion import expand, training_target
-from unfog.run import build_model
-from unfog.sampling import generate
+from unfog.building import build_model
+from unfog.pipeline import DiffusionPipeline
+from unfog.schemas import SamplingSettings
 from unfog.training import DiffusionModule
 
 
 def _setup(preset: str, batch: int, device: str):
     register_configs()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"backbone={preset}"])
+        cfg = compose(config_name="train", overrides=[f"backbone={preset}", "conditioner=class_label"])
     torch.manual_seed(0)
     dataset = build("dataset", cfg.dataset)
     x = torch.stack([dataset[i]["x"] for i in range(batch)]).to(device)
@@ -102,10 +103,12 @@ def time_sampling(model, schedule, batch, sampler_steps: int, device: str, guida
     n = batch["x"].shape[0]
     values = {"label": batch["label"].cpu()}
     shape = tuple(batch["x"].shape[1:])
-    generate(model, schedule, sampler, "eps", shape, range(n), values=values, guidance=guidance, device=device)
+    pipeline = DiffusionPipeline(model, schedule, "eps", data_shape=shape)
+    settings = SamplingSettings(guidance=guidance, clip=False)
+    pipeline.generate(sampler, n, values, settings, device=device)
     _sync(device)
     start = time.perf_counter()
-    generate(model, schedule, sampler, "eps", shape, range(n), values=values, guidance=guidance, device=device)
+    pipeline.generate(sampler, n, values, settings, device=device)
     _sync(device)
     full = time.perf_counter() - start
     den = model.denoiser(schedule, "eps", values, n, guidance)

@@ -102,12 +102,12 @@ def compose_evaluate(overrides: Sequence[str]) -> Any:
     """The `unfog evaluate` config for ``overrides``, composed from conf/ as the CLI does."""
     from hydra import compose, initialize_config_dir
 
-    from unfog.cli import _metric_lists, conf_dir
+    from unfog.commands import conf_dir, split_metrics
     from unfog.config import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name="evaluate", overrides=_metric_lists(list(overrides)))
+        return compose(config_name="evaluate", overrides=split_metrics(list(overrides)))
 
 
 def cells(name: str, steps: Sequence[int]) -> list[tuple[str, int]]:

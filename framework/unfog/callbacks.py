@@ -1,9 +1,13 @@
-"""Lightning callbacks and plugins: sample grids while training, atomic checkpoints."""
+"""Lightning callbacks and plugins: sample grids and metrics while training, checkpoints that
+are written whole or not at all, a clean stop on Ctrl-C or SIGTERM, one progress bar."""
 
 from __future__ import annotations
 
+import errno
 import os
-from collections.abc import Mapping, Sequence
+import signal
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,39 +18,32 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from unfog.audio import is_audio, write_wavs
-from unfog.images import picture, save_png
+from unfog.errors import CheckpointError
+from unfog.evaluation import flat, score, set_references
+from unfog.images import picture, save_png, visible
 from unfog.loggers import log_picture
-from unfog.model import Guidance
+from unfog.pipeline import DiffusionPipeline
 from unfog.protocols import Sampler
-from unfog.sampling import default_values, gather, generate, select, shard
+from unfog.sampling import captions_of, default_values, gather, labels_of, select, shard
+from unfog.schemas import SamplingSettings
 
 
 class SampleGrid(L.Callback):
-    """Every ``every_n_steps`` optimizer steps and at the end, draws a fixed-seed grid with
-    the EMA weights, saves it as ``samples/step_NNNNNNN.png`` (sound: ``step_NNNNNNN/*.wav``)
-    and logs it. Conditioners
-    without values of their own (captions, images to upscale) take them from ``examples``,
-    fixed rows of the training data."""
+    """Every ``every_n_steps`` optimizer steps and at the end, draws a fixed-seed grid with the
+    EMA weights (``settings``: guidance, seed, clipping, batch size), saves it as
+    ``samples/step_NNNNNNN.png`` — small images enlarged without smoothing to at least 256
+    pixels across — with the raw samples in ``.npz`` (sound: ``step_NNNNNNN/*.wav``) and logs
+    it. Conditioners without values of their own (captions, images to upscale) take them from
+    ``examples``, fixed rows of the training data."""
 
-    def __init__(self, sampler: Sampler, out_dir: Path, data_shape: tuple[int, ...],
-                 data_range: tuple[float, float] | None, every_n_steps: int = 1000, num_samples: int = 64,
-                 seed: int = 0, guidance: Guidance = 1.0, clip: bool = True, batch_size: int = 256,
-                 guidance_rescale: float = 0.0, guidance_interval: Sequence[float] | None = None,
-                 examples: Mapping[str, Any] | None = None, sample_rate: int | None = None) -> None:
+    def __init__(self, sampler: Sampler, out_dir: Path, settings: SamplingSettings, every_n_steps: int = 1000,
+                 num_samples: int = 64, examples: Mapping[str, Any] | None = None) -> None:
         self.sampler = sampler
         self.out_dir = Path(out_dir)
-        self.data_shape = data_shape
-        self.data_range = data_range
+        self.settings = settings
         self.every = every_n_steps
         self.num_samples = num_samples
-        self.seed = seed
-        self.guidance = guidance
-        self.guidance_rescale = guidance_rescale
-        self.guidance_interval = guidance_interval
         self.examples = examples
-        self.sample_rate = sample_rate
-        self.clip = data_range if clip else None
-        self.batch_size = batch_size
         self.last_step = -1
         self.last_path: Path | None = None
 
@@ -56,15 +53,18 @@ class SampleGrid(L.Callback):
             self.draw(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self.draw(trainer, pl_module)
+        if not interrupted(trainer):
+            self.draw(trainer, pl_module)
 
-    def check(self, model: Any) -> None:
-        """Encode the grid's conditioning for two samples now, so a grid that cannot be drawn
-        fails before training rather than at its first step."""
+    def check(self, pipeline: DiffusionPipeline) -> None:
+        """Check the settings and encode the grid's conditioning for two samples now, so a grid
+        that cannot be drawn fails before training rather than at its first step."""
+        pipeline.check(self.settings)
+        model = pipeline.model
         if self.num_samples <= 0 or not len(model.conditioners):
             return
         n = min(2, self.num_samples)
-        values = select(default_values(model, self.num_samples, self.examples), range(n))
+        values = select(default_values(model.conditioners, self.num_samples, self.examples), range(n))
         was_training = model.training
         try:
             model.eval()
@@ -78,14 +78,13 @@ class SampleGrid(L.Callback):
         """``n`` samples of the EMA model with this grid's sampler and guidance, drawn in shares
         by every process and gathered on each, and the conditioning values they were drawn for
         (labels in turn; other fields from the rows ``examples``)."""
-        model = pl_module.ema.module
-        values = default_values(model, n, examples) if len(model.conditioners) else None
+        pipeline = DiffusionPipeline.from_module(pl_module)
+        conditioners = pipeline.conditioners
+        values = default_values(conditioners, n, examples) if len(conditioners) else None
         indices = shard(n, trainer.global_rank, trainer.world_size)
-        part = generate(model, pl_module.schedule, self.sampler, pl_module.prediction, self.data_shape,
-                        indices, seed=seed, values=select(values, indices), guidance=self.guidance,
-                        clip=self.clip, batch_size=batch_size or self.batch_size, device=pl_module.device,
-                        sigma_data=pl_module.sigma_data, guidance_rescale=self.guidance_rescale,
-                        guidance_interval=self.guidance_interval)
+        settings = SamplingSettings(**{**vars(self.settings), "seed": seed,
+                                       "batch_size": batch_size or self.settings.batch_size})
+        part = pipeline.generate(self.sampler, indices, select(values, indices), settings, device=pl_module.device)
         return gather(part, indices, n), values
 
     def draw(self, trainer: L.Trainer, pl_module: Any) -> Path | None:
@@ -96,17 +95,18 @@ class SampleGrid(L.Callback):
         if step == self.last_step or self.num_samples <= 0:
             return self.last_path
         self.last_step = step
-        samples, _ = self.samples(trainer, pl_module, self.num_samples, self.seed, self.examples)
+        samples, _ = self.samples(trainer, pl_module, self.num_samples, self.settings.seed, self.examples)
         if not trainer.is_global_zero:
             return None
+        pipeline = DiffusionPipeline.from_module(pl_module)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         np.savez(self.out_dir / f"step_{step:07d}.npz", samples=samples.numpy())
-        if self.sample_rate and is_audio(self.data_shape):  # sound: one WAV per sample
-            write_wavs(samples, self.sample_rate, self.out_dir / f"step_{step:07d}")
-        nrow = _classes(pl_module.ema.module) or None
-        pic = picture(samples, nrow, self.data_range)
+        if pipeline.sample_rate and is_audio(pipeline.data_shape):  # sound: one WAV per sample
+            write_wavs(samples, pipeline.sample_rate, self.out_dir / f"step_{step:07d}")
+        pic = picture(samples, pipeline.num_classes, pipeline.data_range)
         if pic is None:
             return None
+        pic = visible(pic)
         self.last_path = save_png(pic, self.out_dir / f"step_{step:07d}.png")
         if trainer.logger:
             log_picture(trainer.logger, "samples", pic, step)
@@ -136,8 +136,6 @@ class MetricCallback(L.Callback):
         self.results: dict[str, dict[str, float]] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
-        from unfog.evaluation import set_references
-
         if trainer.is_global_zero and self.reference is not None:
             set_references(self.metrics, *self.reference)
 
@@ -147,14 +145,12 @@ class MetricCallback(L.Callback):
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self.evaluate(trainer, pl_module)
+        if not interrupted(trainer):
+            self.evaluate(trainer, pl_module)
 
     def evaluate(self, trainer: L.Trainer, pl_module: Any) -> dict[str, dict[str, float]]:
         """Score the current EMA model; every process returns the first process's results."""
         import json
-
-        from unfog.evaluation import flat, score
-        from unfog.run import captions_of, labels_of
 
         step = trainer.global_step
         if step == self.last_step or self.num_samples <= 0:
@@ -164,8 +160,8 @@ class MetricCallback(L.Callback):
                                             self.batch_size)
         results: dict[str, dict[str, float]] = {}
         if trainer.is_global_zero:
-            model = pl_module.ema.module
-            results = score(self.metrics, samples, labels_of(model, values), captions_of(model, values))
+            conditioners = pl_module.ema.module.conditioners
+            results = score(self.metrics, samples, labels_of(conditioners, values), captions_of(conditioners, values))
             if trainer.logger:
                 trainer.logger.log_metrics(flat(results, "eval/"), step=step)
             self.out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -177,17 +173,10 @@ class MetricCallback(L.Callback):
         return results
 
 
-def _classes(model: Any) -> int | None:
-    for c in model.conditioners.values():
-        k = getattr(c, "num_classes", None)
-        if k:
-            return int(k)
-    return None
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file and renames it into place, so a run killed
-    mid-write never leaves a truncated checkpoint behind."""
+    mid-write never leaves a truncated checkpoint behind, and a write that fails (a full disk)
+    leaves the previous checkpoint as it was and says so."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         path = Path(path)
@@ -199,8 +188,78 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())  # the bytes are on disk before the name points at them
             os.replace(tmp, path)
+        except OSError as exc:
+            kept = f"the previous {path.name} is intact" if path.exists() else f"no earlier {path.name} exists"
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            reason = "the disk is full" if full else f"{type(exc).__name__}: {exc.strerror or exc}"
+            raise CheckpointError(
+                f"could not write the checkpoint {path} at step {checkpoint.get('global_step', '?')} ({reason}); "
+                f"{kept}. {'Free some space' if full else 'Fix the cause'}, then resume with ckpt_path={path}."
+            ) from exc
         finally:
             tmp.unlink(missing_ok=True)
+
+
+class GracefulStop(L.Callback):
+    """Ctrl-C (SIGINT) or SIGTERM (a cluster's notice before it ends a job) stops training at
+    the end of the current step, where model, EMA, optimizer and data order agree: the
+    checkpoint is written there, training ends, and :attr:`signal_number` says why. A second
+    signal of the same kind while that happens interrupts at once (the previous checkpoint
+    stays intact). Under DDP every process stops at the same step."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, checkpoint: Path) -> None:
+        self.checkpoint = Path(checkpoint)
+        self.signal_number: int | None = None
+        self.step: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        # installed after Lightning's own SIGTERM handler (set up before this hook), which would
+        # otherwise end the run with an exception before the step is done
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._notice)
+
+    def _notice(self, sig: int, frame: Any) -> None:
+        if self.signal_number is not None:  # asked twice: stop now
+            self._restore()
+            signal.raise_signal(sig)
+            return
+        self.signal_number = sig
+        print(f"\nunfog: {signal.Signals(sig).name} received; stopping after this step and writing "
+              f"{self.checkpoint} ...", file=sys.stderr, flush=True)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+        asked = self.signal_number is not None
+        if trainer.world_size > 1:
+            asked = trainer.strategy.reduce_boolean_decision(asked, all=False)
+        if asked:
+            if self.signal_number is None:
+                self.signal_number = signal.SIGTERM  # another process got it
+            trainer.save_checkpoint(self.checkpoint, weights_only=False)
+            self.step = trainer.global_step
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def interrupted(trainer: L.Trainer) -> bool:
+    """Whether a :class:`GracefulStop` of this trainer is stopping it on a signal."""
+    return any(isinstance(cb, GracefulStop) and cb.signal_number is not None for cb in trainer.callbacks)
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -208,13 +267,16 @@ class StepProgressBar(TQDMProgressBar):
     its ETA is the time to the end of training (Lightning's own bar restarts every epoch).
     A resumed run starts the bar at the restored step."""
 
+    @property
+    def train_description(self) -> str:
+        return "train"
+
     def on_train_start(self, trainer: L.Trainer, *_: Any) -> None:
-        self.train_progress_bar = self.init_train_tqdm()
-        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-        self.train_progress_bar.reset(total=total)
-        self.train_progress_bar.initial = trainer.global_step
-        self.train_progress_bar.n = trainer.global_step
-        self.train_progress_bar.set_description("train")
+        bar = self.init_train_tqdm()
+        bar.total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        bar.initial = bar.n = trainer.global_step
+        bar.refresh()
+        self.train_progress_bar = bar
 
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
         pass

@@ -106,9 +106,13 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     for kind in registry.KINDS:
         for entry in registry.entries(kind):
-            cs.store(group=kind, name=entry.name, node=schema(entry), package=package_of(kind, entry.name),
-                     provider=entry.distribution or "unfog")
+            cs.store(group=GROUPS.get(kind, kind), name=entry.name, node=schema(entry),
+                     package=package_of(kind, entry.name), provider=entry.distribution or "unfog")
     register_static_schemas(cs)
+
+
+GROUPS: dict[str, str] = {"exporter": "format"}
+"""Config groups not named after their kind: ``unfog export format=diffusers`` picks an exporter."""
 
 
 def package_of(kind: str, name: str) -> str | None:

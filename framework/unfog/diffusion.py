@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from unfog.errors import ConfigError
-from unfog.protocols import Cond, Denoised, NoiseSource, Schedule
+from unfog.protocols import Cond, Denoised, ExactDerivatives, NoiseSource, Schedule, SigmaData
 
 PREDICTIONS: tuple[str, ...] = ("eps", "x0", "v", "flow", "edm")
 WEIGHTINGS: tuple[str, ...] = ("uniform", "min_snr", "edm")
@@ -43,7 +43,7 @@ def check_prediction(prediction: str) -> None:
 def derivatives(schedule: Schedule, t: Tensor) -> tuple[Tensor, Tensor]:
     """dα/dt and dσ/dt at ``t``: the schedule's own ``dalpha``/``dsigma`` if it has them,
     otherwise by automatic differentiation of ``alpha`` and ``sigma`` (in float64)."""
-    if hasattr(schedule, "dalpha") and hasattr(schedule, "dsigma"):
+    if isinstance(schedule, ExactDerivatives):
         return schedule.dalpha(t), schedule.dsigma(t)
     tt = t.detach().to(torch.float64).requires_grad_(True)
     with torch.enable_grad():
@@ -64,7 +64,7 @@ def sigma_data_of(schedule: Any, sigma_data: float | None = None) -> float:
         if not sigma_data > 0:
             raise ConfigError(f"sigma_data must be positive; got {sigma_data} (0.5 for data in [-1, 1]).")
         return float(sigma_data)
-    return float(getattr(schedule, "sigma_data", SIGMA_DATA))
+    return float(schedule.sigma_data) if isinstance(schedule, SigmaData) else SIGMA_DATA
 
 
 def edm_coefficients(alpha: Tensor, sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -21,3 +21,15 @@ class DataError(UnfogError):
 
 class NonFiniteLossError(UnfogError, FloatingPointError):
     """Training produced a NaN or infinite loss."""
+
+
+class CheckpointError(UnfogError, ValueError):
+    """A checkpoint or export that cannot be read: missing, damaged, unsafe, or not unfog's."""
+
+
+class Interrupted(UnfogError):
+    """Training stopped on Ctrl-C or SIGTERM after writing a checkpoint to resume from."""
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.signal_number = signal_number

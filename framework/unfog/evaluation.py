@@ -1,15 +1,15 @@
 """Scoring samples with registered metrics, recording how each number was made.
 
-Used by ``unfog evaluate`` (a checkpoint → samples → a JSON result with its whole protocol),
+Used by ``unfog evaluate`` (a pipeline → samples → a JSON result with its whole protocol),
 ``unfog sample metric=...`` and :class:`unfog.callbacks.MetricCallback` (metrics while
-training). A metric may define ``set_reference(dataset, dataset_config)``, to take its real
-reference from the training data (reference features are cached by the metric), and
-``protocol()``, a JSON-able description of its feature extractor and reference.
+training). A metric may take its real reference from the training data
+(:class:`~unfog.protocols.MetricReference`; reference features are cached by the metric) and
+describe its feature extractor and reference (:class:`~unfog.protocols.MetricProtocol`).
 """
 
 from __future__ import annotations
 
-import hashlib
+import inspect
 import json
 import time
 from collections.abc import Mapping
@@ -19,18 +19,20 @@ from typing import Any
 
 import torch
 
-from unfog.config import build, plain
+from unfog import registry
+from unfog.config import NAME_KEY, build, params_of, plain
 from unfog.errors import ConfigError
-from unfog.protocols import Metric
+from unfog.pipeline import Pipeline
+from unfog.protocols import Metric, MetricProtocol, MetricReference, Sampler
+from unfog.sampling import captions_of, dataset_examples, labels_of, requested_values
+from unfog.schemas import SamplingSettings
+from unfog.util import resolve_device, sha256_of, versions
 
 
 def with_extractor(nodes: Mapping[str, Any] | None, extractor: str | None,
                    weights: str | None) -> dict[str, Any]:
     """Metric nodes with ``extractor`` and ``weights`` set in every metric that has those fields
     (``extractor=classifier extractor_weights=DIR`` instead of one pair per metric)."""
-    from unfog import registry
-    from unfog.config import NAME_KEY, params_of
-
     out = {}
     for name, node in (plain(nodes) or {}).items():
         node = dict(node)
@@ -51,7 +53,7 @@ def build_metrics(nodes: Mapping[str, Any] | None) -> dict[str, Metric]:
 def set_references(metrics: Mapping[str, Metric], dataset: Any, dataset_config: Mapping[str, Any]) -> None:
     """Hand the training data to every metric that takes its reference from it."""
     for metric in metrics.values():
-        if hasattr(metric, "set_reference"):
+        if isinstance(metric, MetricReference):
             metric.set_reference(dataset, dict(plain(dataset_config)))
 
 
@@ -73,7 +75,7 @@ def protocols(metrics: Mapping[str, Metric], nodes: Mapping[str, Any]) -> dict[s
     out = {}
     for name, metric in metrics.items():
         entry = {"config": nodes.get(name)}
-        if hasattr(metric, "protocol"):
+        if isinstance(metric, MetricProtocol):
             entry |= metric.protocol()
         out[name] = entry
     return out
@@ -96,24 +98,9 @@ def table(results: Mapping[str, Mapping[str, float]]) -> str:
 
 
 def accepts(fn: Any, name: str) -> bool:
-    """Whether callable ``fn`` takes a keyword argument ``name``."""
-    import inspect
-
+    """Whether callable ``fn`` takes a keyword argument ``name`` (a metric's ``update`` that
+    takes ``captions`` gets the prompts the samples were drawn for)."""
     return name in inspect.signature(fn).parameters
-
-
-def sha256_of(path: str | Path) -> str:
-    """The SHA-256 of a file (or of every file of a folder, in name order)."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode())
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -126,7 +113,7 @@ class EvaluateResult:
 
 
 def evaluate(cfg: Mapping[str, Any], out_dir: Path) -> EvaluateResult:
-    """Draw ``num_samples`` from a checkpoint and score them with every chosen metric.
+    """Draw ``num_samples`` from a pipeline and score them with every chosen metric.
 
     The reference of metrics that need real data is the checkpoint's training dataset
     (``dataset=...`` in this command's config replaces it). Conditioning follows ``unfog
@@ -138,67 +125,56 @@ def evaluate(cfg: Mapping[str, Any], out_dir: Path) -> EvaluateResult:
     import platform
 
     import unfog
-    from unfog.run import captions_of, device_of, labels_of, load_checkpoint, sample_values, versions
-    from unfog.sampling import dataset_examples, default_values, generate
 
     if not cfg.get("metrics"):
         raise ConfigError("unfog evaluate needs at least one metric: add metric=fid,kid (see `unfog list metric`).")
-    model, schedule, meta = load_checkpoint(cfg["checkpoint"], cfg["use_ema"])
-    train_cfg, wiring = meta["config"], meta["wiring"]
-    dataset_cfg = plain(cfg.get("dataset")) or train_cfg["dataset"]
-    dataset = build("dataset", dataset_cfg)
-    if tuple(dataset.data_shape) != tuple(wiring["data_shape"]):
-        raise ConfigError(f"the reference dataset {dataset_cfg.get('_name_')} gives shape {tuple(dataset.data_shape)} "
-                          f"but the model generates {tuple(wiring['data_shape'])}; choose a matching dataset=.")
+    settings = SamplingSettings.of(cfg)
     nodes = with_extractor(cfg["metrics"], cfg.get("extractor"), cfg.get("extractor_weights"))
     metrics = build_metrics(nodes)
-    sampler = build("sampler", cfg["sampler"])
+    sampler: Sampler = build("sampler", cfg["sampler"])
+    device = resolve_device(cfg["device"])
+    pipeline = Pipeline.load(cfg["checkpoint"], use_ema=cfg["use_ema"])
+    pipeline.check(settings)
+    dataset_cfg = plain(cfg.get("dataset")) or pipeline.config["dataset"]
+    dataset = build("dataset", dataset_cfg)
+    if tuple(dataset.data_shape) != tuple(pipeline.data_shape):
+        raise ConfigError(f"the reference dataset {dataset_cfg.get('_name_')} gives shape {tuple(dataset.data_shape)} "
+                          f"but the model generates {tuple(pipeline.data_shape)}; choose a matching dataset=.")
     n = int(cfg["num_samples"])
-    if n < 1:
-        raise ConfigError(f"num_samples must be at least 1; got {n}.")
-    device = device_of(cfg["device"])
-    model.to(device)
-    guidance = plain(cfg["guidance"])
-    model.guidance_plan(guidance)
+    conditioners = pipeline.conditioners
+    examples = dataset_examples(dataset, n, [c.field for c in conditioners.values()])
+    values = requested_values(conditioners, n, cfg, examples)
     start = time.perf_counter()
     set_references(metrics, dataset, dataset_cfg)
     reference_seconds = time.perf_counter() - start
-    given = any(cfg.get(k) for k in ("labels", "prompt", "prompts", "values"))
-    if given or not len(model.conditioners):
-        values = sample_values(model, n, cfg)
-    else:  # conditioning drawn as the reference data is: classes in turn, captions of its rows
-        values = default_values(model, n, dataset_examples(dataset, n, model.fields))
-    clip = tuple(wiring["data_range"]) if cfg["clip"] and wiring["data_range"] else None
     start = time.perf_counter()
-    samples = generate(model, schedule, sampler, train_cfg["prediction"], wiring["data_shape"], range(n),
-                       seed=cfg["seed"], values=values, guidance=guidance, clip=clip, batch_size=cfg["batch_size"],
-                       device=device, sigma_data=train_cfg.get("sigma_data"), progress=True,
-                       guidance_rescale=cfg["guidance_rescale"], guidance_interval=plain(cfg["guidance_interval"]))
+    samples = pipeline.to(device).generate(sampler, n, values, settings, progress=True)
     sampling_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    results = score(metrics, samples, labels_of(model, values), captions_of(model, values))
+    results = score(metrics, samples, labels_of(conditioners, values), captions_of(conditioners, values))
     metric_seconds = time.perf_counter() - start
-    checkpoint = Path(cfg["checkpoint"])
+    described = pipeline.describe()
     record = {
         "results": results,
         "protocol": {
-            "checkpoint": str(checkpoint),
-            "checkpoint_sha256": sha256_of(checkpoint),
+            "checkpoint": str(cfg["checkpoint"]),
+            "checkpoint_sha256": described.get("sha256") or sha256_of(cfg["checkpoint"]),
             "weights": "ema" if cfg["use_ema"] else "raw",
+            "pipeline": described,
             "num_samples": n,
-            "seed": cfg["seed"],
-            "seeds": f"sample k starts from its own noise stream seeded by ({cfg['seed']}, k), k = 0..{n - 1}",
+            "seed": settings.seed,
+            "seeds": f"sample k starts from its own noise stream seeded by ({settings.seed}, k), k = 0..{n - 1}",
             "sampler": plain(cfg["sampler"]),
-            "schedule": train_cfg["schedule"],
-            "prediction": train_cfg["prediction"],
-            "guidance": guidance,
-            "guidance_rescale": cfg["guidance_rescale"],
-            "guidance_interval": plain(cfg["guidance_interval"]),
-            "clip": bool(clip),
-            "conditioning": _conditioning_record(model, cfg),
+            "schedule": pipeline.config.get("schedule"),
+            "prediction": pipeline.config.get("prediction"),
+            "guidance": settings.guidance,
+            "guidance_rescale": settings.guidance_rescale,
+            "guidance_interval": settings.guidance_interval,
+            "clip": bool(settings.clip and pipeline.data_range),
+            "conditioning": _conditioning_record(conditioners, cfg),
             "reference_dataset": dataset_cfg,
             "metrics": protocols(metrics, nodes),
-            "versions": {**versions({}), **meta.get("versions", {}), "unfog": unfog.__version__},
+            "versions": {**versions(), **pipeline.versions, "unfog": unfog.__version__},
             "plugins": {p.distribution: p.version for p in unfog.plugins() if p.distribution},
             "device": str(device),
             "platform": platform.platform(),
@@ -213,8 +189,8 @@ def evaluate(cfg: Mapping[str, Any], out_dir: Path) -> EvaluateResult:
     return EvaluateResult(results, record, path)
 
 
-def _conditioning_record(model: Any, cfg: Mapping[str, Any]) -> dict[str, Any] | None:
-    if not len(model.conditioners):
+def _conditioning_record(conditioners: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, Any] | None:
+    if not len(conditioners):
         return None
     given = {k: plain(cfg.get(k)) for k in ("labels", "prompt", "prompts", "values") if cfg.get(k)}
     if given:

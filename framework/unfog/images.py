@@ -44,6 +44,16 @@ def picture(samples: Tensor, nrow: int | None = None,
     return None
 
 
+VISIBLE_WIDTH = 256  # pixels: a grid narrower than this is enlarged
+
+
+def visible(picture: np.ndarray, width: int = VISIBLE_WIDTH) -> np.ndarray:
+    """``picture`` (H×W×C uint8) enlarged by a whole factor, each pixel a block (no smoothing,
+    so pixels stay pixels), until it is at least ``width`` pixels across."""
+    factor = max(1, -(-width // picture.shape[1]))
+    return picture if factor == 1 else picture.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
 def _range_of(x: Tensor) -> tuple[float, float]:
     return float(x.min()), float(x.max()) + 1e-8
 

@@ -53,12 +53,12 @@ def wandb_mode(offline: Any = "auto") -> str:
 
 
 def build_logger(node: Any, run_dir: Path, config: dict[str, Any] | None = None, run_id: str | None = None,
-                 resume: bool = False, sweep: dict[str, str] | None = None) -> Any:
+                 resume: bool = False, sweep: dict[str, str] | None = None, verbose: bool = False) -> Any:
     """A Lightning logger from a ``logger`` config node (``None`` means no logger).
 
     For wandb, ``run_id`` is the run's id (kept in checkpoints, so ``resume`` continues the
     same run instead of starting another), and a ``sweep``'s ``group`` and ``name`` group its
-    jobs unless the config sets them.
+    jobs unless the config sets them. wandb's banners show only when ``verbose``.
     """
     if node is None:
         return False
@@ -68,12 +68,18 @@ def build_logger(node: Any, run_dir: Path, config: dict[str, Any] | None = None,
         from lightning.pytorch.loggers import WandbLogger
 
         mode = wandb_mode(kwargs.pop("offline", "auto"))
-        os.environ.setdefault("WANDB_SILENT", "true")
+        if not verbose:
+            os.environ.setdefault("WANDB_SILENT", "true")
         for key, value in (sweep or {}).items():
             if kwargs.get(key) is None:
                 kwargs[key] = value
         extra = {"id": run_id, "resume": "allow" if resume else None}
-        return WandbLogger(save_dir=str(run_dir), mode=mode, config=config, **_drop_none({**kwargs, **extra}))
+        logger = WandbLogger(save_dir=str(run_dir), mode=mode, config=config, **_drop_none({**kwargs, **extra}))
+        # Lightning always passes anonymous=None, which wandb answers with a deprecation warning
+        init = getattr(logger, "_wandb_init", None)
+        if isinstance(init, dict) and init.get("anonymous") is None:
+            init.pop("anonymous", None)
+        return logger
     if name == "csv":
         from lightning.pytorch.loggers import CSVLogger
 

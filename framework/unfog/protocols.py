@@ -1,7 +1,11 @@
-"""The contract of each kind of component, as ``typing.Protocol`` classes.
+"""The contract of each kind of component, as ``typing.Protocol`` classes, and the optional
+capabilities a component may add (its own sampling values, exact derivatives, a diffusers
+counterpart, ...).
 
 Components do not inherit from these; they only have to fit them. The contract tests in
-``tests/contract`` check every registered component against its kind's protocol.
+``tests/contract`` check every registered component against its kind's protocol; the kernel
+asks for an optional capability with ``isinstance(obj, Capability)`` and nothing else, so
+everything a plugin can offer is listed here (and in docs/plugins.md).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-# Conditioning routes a backbone may consume; see DESIGN.md, "Kinds of component".
+# Conditioning routes a backbone may consume; see docs/architecture.md, "Kinds of component".
 ROUTES: tuple[str, ...] = ("vector", "tokens", "concat")
 Cond = Mapping[str, Tensor]  # route -> tensor; an unconditional model gets an empty mapping
 
@@ -130,3 +134,148 @@ class Metric(Protocol):
 
     def reset(self) -> None: ...
 
+
+
+@runtime_checkable
+class Exporter(Protocol):
+    """Writes a trained generator in another program's format (``unfog export format=NAME``).
+
+    ``export`` gets the loaded :class:`unfog.pipeline.Pipeline`, the output folder and the
+    sampler chosen on the command line (whose settings an exporter may translate, e.g. into
+    a diffusers scheduler); it returns the folder or file it wrote.
+    """
+
+    def export(self, pipeline: Any, out_dir: Any, sampler: Any) -> Any: ...
+
+
+# ----------------------------------------------------------------- optional capabilities
+# A component has one of these when it has the attribute or method; the kernel checks with
+# isinstance (they are runtime-checkable) and falls back to the documented default.
+
+
+@runtime_checkable
+class ClassConditioner(Protocol):
+    """A conditioner that reads integer class labels: ``labels=...`` of ``unfog sample`` goes to
+    it, default sample grids cycle through its classes, grids get one column per class."""
+
+    num_classes: int
+
+
+@runtime_checkable
+class TextConditioner(Protocol):
+    """A conditioner that reads strings (``takes_text = True``): ``prompt=``/``prompts=`` of
+    ``unfog sample`` go to it, and evaluation records its captions."""
+
+    takes_text: bool
+
+
+@runtime_checkable
+class GridValues(Protocol):
+    """A conditioner that picks its own values for ``n`` samples of a default grid (a spread of
+    scalars, say) instead of taking them from rows of the data."""
+
+    def grid_values(self, n: int) -> Any: ...
+
+
+@runtime_checkable
+class ExampleValue(Protocol):
+    """A conditioner that turns a row of real data into the value it samples with (an
+    inpainting conditioner adds a fixed mask to an image, say)."""
+
+    def example_value(self, example: Any) -> Any: ...
+
+
+@runtime_checkable
+class ExactDerivatives(Protocol):
+    """A schedule that gives dα/dt and dσ/dt in closed form; without them the kernel
+    differentiates ``alpha`` and ``sigma`` (in float64) when a flow target needs them."""
+
+    def dalpha(self, t: Tensor) -> Tensor: ...
+
+    def dsigma(self, t: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class SmallestTime(Protocol):
+    """A continuous schedule whose sampling grids may end their last noisy step at ``t_min``
+    (default 0; discrete schedules use 1/T)."""
+
+    t_min: float
+
+
+@runtime_checkable
+class SigmaData(Protocol):
+    """A schedule that knows the data's standard deviation σ_data (EDM); otherwise 0.5."""
+
+    sigma_data: float
+
+
+@runtime_checkable
+class DiscreteBetas(Protocol):
+    """A discrete schedule defined by T betas (Ho et al. 2020), as other programs store one."""
+
+    num_timesteps: int
+    betas: Tensor
+
+
+@runtime_checkable
+class Sound(Protocol):
+    """A dataset of sound: its clips play at ``sample_rate`` samples per second (samples are
+    written as WAV files at that rate)."""
+
+    sample_rate: int
+
+
+@runtime_checkable
+class MetricReference(Protocol):
+    """A metric that compares with real data: it gets the training (or ``dataset=``) data
+    once, before scoring, with its config (so it can cache reference features by hash)."""
+
+    def set_reference(self, dataset: Any, dataset_config: Mapping[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class MetricProtocol(Protocol):
+    """A metric that describes how it makes its numbers (feature extractor, weights' hash,
+    reference) for the protocol that ``unfog evaluate`` records."""
+
+    def protocol(self) -> dict[str, Any]: ...
+
+
+class DiffusersScheduler(NamedTuple):
+    """A sampler's counterpart in diffusers: the scheduler class, its arguments that follow
+    from the sampler's settings (betas, prediction type and clipping are the exporter's), the
+    pipeline call that reproduces the sampler, and whether it takes exactly the same steps."""
+
+    scheduler: str
+    config: dict[str, Any]
+    call: dict[str, Any]
+    exact: bool
+    scaled_input: bool = False  # needs scheduler.scale_model_input, which DDPMPipeline does not call
+
+
+@runtime_checkable
+class DiffusersCounterpart(Protocol):
+    """A sampler that has a diffusers scheduler implementing the same method, for a model
+    trained on a discrete schedule of ``num_timesteps`` steps (``unfog export format=diffusers``)."""
+
+    def diffusers_scheduler(self, num_timesteps: int) -> DiffusersScheduler: ...
+
+
+@runtime_checkable
+class Upgradable(Protocol):
+    """A component that rewrites a config node stored by an older version (a renamed option,
+    a former registry name given in ``register(..., replaces=...)``) into one it builds from;
+    ``wiring`` is what the checkpoint recorded about the data (``data_shape``, ...)."""
+
+    def upgrade_config(self, node: dict[str, Any], wiring: Mapping[str, Any]) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class Resolver(Protocol):
+    """An ``auto`` entry: it chooses concrete config nodes from the data before anything is
+    built. ``resolve`` takes any of ``data_shape``, ``fields`` and ``num_classes`` as
+    keywords and returns a node (a backbone) or ``{key: node}`` (conditioners, possibly none).
+    The concrete choice is what runs, is printed and is stored in the checkpoint."""
+
+    def resolve(self, **data: Any) -> Any: ...

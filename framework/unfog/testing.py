@@ -275,3 +275,54 @@ class MetricContract(Contract):
         m.reset()
         m.update(**self.inputs())
         assert m.compute() == result
+
+
+class ExporterContract(Contract):
+    """An exporter builds from its config node and has ``export(pipeline, out_dir, sampler)``;
+    what it writes is tested per format, with a model of the kind it accepts."""
+
+    kind = "exporter"
+
+    def test_builds_and_exports(self) -> None:
+        from unfog.protocols import Exporter
+
+        assert isinstance(self.build(), Exporter)
+
+
+class PipelineContract(Contract):
+    """A ``pipeline`` entry is a format :meth:`unfog.pipeline.Pipeline.load` can ask:
+    ``recognizes(path)`` and ``from_path(path, use_ema=...)``."""
+
+    kind = "pipeline"
+
+    def test_is_a_format(self) -> None:
+        from unfog.pipeline import PipelineFormat
+
+        assert isinstance(unfog.get(self.kind, self.key).obj, PipelineFormat)
+
+
+class ResolverContract(Contract):
+    """An ``auto`` entry chooses from the data: for each of ``data`` (keyword sets of
+    ``data_shape``, ``fields``, ``num_classes``) it returns node(s) that name registered
+    components of its kind and compose into a config with a valid schema."""
+
+    data: ClassVar[list[dict[str, Any]]] = [
+        {"data_shape": (1, 8, 8), "fields": ("x", "label"), "num_classes": 10},
+        {"data_shape": (3, 16, 16), "fields": ("x", "caption"), "num_classes": None},
+        {"data_shape": (2,), "fields": ("x",), "num_classes": None},
+        {"data_shape": (1, 256), "fields": ("x",), "num_classes": None},
+    ]
+
+    def test_resolves_to_registered_components(self) -> None:
+        import inspect
+
+        from unfog.config import NAME_KEY, component_kwargs
+
+        resolve = unfog.get(self.kind, self.key).obj.resolve
+        accepted = inspect.signature(resolve).parameters
+        for data in self.data:
+            out = resolve(**{k: v for k, v in data.items() if k in accepted})
+            nodes = list(out.values()) if self.kind == "conditioner" else [out]
+            for node in nodes:
+                entry, _ = component_kwargs(self.kind, node)
+                assert entry.name == node[NAME_KEY] and entry.name != self.key

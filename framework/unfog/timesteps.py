@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from unfog.errors import ConfigError
-from unfog.protocols import Schedule
+from unfog.protocols import Schedule, SmallestTime
 
 DISCRETE_SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace")
 CONTINUOUS_SPACINGS: tuple[str, ...] = ("uniform", "logsnr", "karras")
@@ -72,7 +72,9 @@ def time_at_log_snr(schedule: Schedule, lam: Tensor, iterations: int = 60) -> Te
 
 def _t_min(schedule: Schedule) -> float:
     T = schedule.num_timesteps
-    return 1.0 / T if T is not None else float(getattr(schedule, "t_min", 0.0))
+    if T is not None:
+        return 1.0 / T
+    return float(schedule.t_min) if isinstance(schedule, SmallestTime) else 0.0
 
 
 Spacing = Literal["leading", "trailing", "linspace", "uniform", "logsnr", "karras"]

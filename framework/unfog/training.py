@@ -34,6 +34,10 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 # A resumed run writes into its own run folder; Lightning notes that the old folder is not reused.
 warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
+# Lightning counts batches per epoch for this warning; unfog logs by global step across epochs.
+warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
+# Lightning's own use of a deprecated torch API, reported at import.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 # DDP notes that the gradient of a 1×1 convolution came back in channels-last strides; harmless
 # ("not an error"), and the copy it costs is for those small weights only.
 warnings.filterwarnings("ignore", message=r"Grad strides do not match bucket view strides")
@@ -138,7 +142,6 @@ class DiffusionModule(L.LightningModule):
         self.seed = seed
         count_in_state_dict(self, "batches_seen")
         self.meta = meta or {}
-        self._ema_step = -1
 
     def loss(self, batch: dict[str, Any]) -> Tensor:
         """The (weighted) mean squared error of the prediction target at random t and ε."""
@@ -207,14 +210,12 @@ class DiffusionModule(L.LightningModule):
                 fully_shard(part, mesh=mesh["data_parallel"])
         self._sharded = True
 
-    def on_train_start(self) -> None:
-        self._ema_step = self.global_step
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Update the average once per optimizer step (accumulation calls this every batch).
-        if self.global_step != self._ema_step:
-            self._ema_step = self.global_step
-            self.ema.update(self.model)
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer's step, then the EMA's: the average moves inside the step, before any
+        callback sees it, so a checkpoint written at step n holds n updates of both (an update
+        done later, in ``on_train_batch_end``, was lost by every resume from such a checkpoint)."""
+        super().optimizer_step(*args, **kwargs)
+        self.ema.update(self.model)
 
     def configure_optimizers(self) -> Any:
         opt = torch.optim.AdamW(
@@ -225,4 +226,24 @@ class DiffusionModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["unfog"] = self.meta
+        trainer = self._trainer
+        logged = trainer.callback_metrics if trainer is not None else {}
+        scalars = {k: float(v) for k, v in logged.items() if getattr(v, "numel", lambda: 1)() == 1}
+        checkpoint["unfog"] = {**self.meta, "metrics": scalars}
+
+
+def train_loader(dataset: Any, batch_size: int, num_workers: int, seed: int, module: DiffusionModule) -> Any:
+    """A DataLoader whose order depends only on the seed and the batches ``module`` has
+    trained on (restored with its checkpoint), sharded across processes."""
+    from torch.utils.data import DataLoader
+
+    from unfog.data import ResumableSampler
+
+    def position() -> tuple[int, int, int]:
+        trainer = module._trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return module.batches_trained, rank, world
+
+    sampler = ResumableSampler(len(dataset), batch_size, seed, position)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      persistent_workers=num_workers > 0)

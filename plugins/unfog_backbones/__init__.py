@@ -3,6 +3,6 @@
 Optional libraries (timm, diffusers) are imported only when such a backbone is built.
 """
 
-from unfog_backbones import diffusers_models, dit, embeddings, mlp, unet, unet1d
+from unfog_backbones import auto, dit, embeddings, mlp, unet
 
-__all__ = ["diffusers_models", "dit", "embeddings", "mlp", "unet", "unet1d"]
+__all__ = ["auto", "dit", "embeddings", "mlp", "unet"]

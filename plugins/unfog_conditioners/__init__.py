@@ -1,5 +1,5 @@
 """First-party conditioners; importing this package registers them."""
 
-from unfog_conditioners import class_label, image_concat, scalar, text, text_pretrained
+from unfog_conditioners import auto, class_label, image_concat, scalar, text, text_pretrained
 
-__all__ = ["class_label", "image_concat", "scalar", "text", "text_pretrained"]
+__all__ = ["auto", "class_label", "image_concat", "scalar", "text", "text_pretrained"]

@@ -101,6 +101,8 @@ class Text(nn.Module):
         dropout: probability of replacing a caption by ``""`` while training.
     """
 
+    takes_text = True  # its values are strings: prompt=/prompts= of unfog sample go here
+
     def __init__(self, field: str = "caption", dim: int = 128, layers: int = 2, heads: int = 4,
                  max_length: int = 32, vocab_size: int = 4096, tokenizer: Literal["words", "bytes"] = "words",
                  route: Literal["tokens", "vector"] = "tokens", dropout: float = 0.1,

@@ -77,6 +77,8 @@ class TextPretrained(nn.Module):
             ``"tokens"`` each holds ``max_length`` × width floats (48 KiB for the default).
     """
 
+    takes_text = True  # its values are strings: prompt=/prompts= of unfog sample go here
+
     def __init__(self, field: str = "caption", model: str = PACKAGED,
                  source: Literal["auto", "transformers", "open_clip"] = "auto",
                  route: Literal["tokens", "vector"] = "tokens", max_length: int = 32, dropout: float = 0.1,

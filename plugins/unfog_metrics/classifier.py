@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from unfog import register
 from unfog.errors import ConfigError, DataError
-from unfog.evaluation import sha256_of
+from unfog.util import resolve_device, sha256_of, versions
 from unfog_metrics._common import requested_labels
 
 WEIGHTS_FILE = "classifier.safetensors"
@@ -124,15 +124,6 @@ class TrainSettings:
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"train-classifier: {name} must be an integer of at least {minimum}; got {value!r}.")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"classifier: device must be auto, cpu, cuda or cuda:N; got {name!r}.") from exc
 
 
 def check_labelled_images(name: str, dataset: Any) -> None:
@@ -275,7 +266,7 @@ def train_classifier(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     train_set, held_set, held_out = held_out_split(node, dataset)
     x, y = _tensors(train_set, None, num_classes, data_shape)
     x_held, y_held = _tensors(held_set, settings.eval_samples, num_classes, data_shape)
-    device = _device(settings.device)
+    device = resolve_device(settings.device)
 
     torch.manual_seed(settings.seed)
     net = ImageClassifier(data_shape[0], num_classes, settings.width, settings.feature_dim).to(device)
@@ -326,7 +317,7 @@ def train_classifier(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
                   "total_seconds": round(time.perf_counter() - start, 2)},
         "weights": WEIGHTS_FILE,
         "weights_sha256": sha256,
-        "versions": {"unfog": unfog.__version__, "torch": torch.__version__},
+        "versions": versions(),
     }
     (out_dir / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return {"out_dir": str(out_dir), "accuracy": accuracy, "seconds": train_seconds, "sha256": sha256}
@@ -398,7 +389,7 @@ class ClassifierExtractor:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"classifier: batch_size must be a positive integer; got {batch_size!r}.")
         self.batch_size = batch_size
-        self.device = _device(device)
+        self.device = resolve_device(device)
         self.net.to(self.device).eval().requires_grad_(False)
         self.dim = int(arch["feature_dim"])
 

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from unfog import register
 from unfog.errors import ConfigError, DataError
-from unfog_metrics.features import FeatureExtractor, check_images, extractor_from, resolve_device
+from unfog.util import resolve_device
+from unfog_metrics.features import FeatureExtractor, check_images, extractor_from
 from unfog_metrics.reference import Reference, load_reference_file, reference_features
 
 # --- formulas ------------------------------------------------------------------------------------

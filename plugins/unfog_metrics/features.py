@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from unfog.errors import ConfigError, DataError
-from unfog.evaluation import sha256_of
+from unfog.util import resolve_device, sha256_of
 
 INCEPTION_NAME = "inception-v3-compat"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -101,19 +101,6 @@ def extractor_from(extractor: str | FeatureExtractor, weights: str | None = None
     raise ConfigError(
         f"Unknown feature extractor {extractor!r}; expected one of {', '.join(map(repr, EXTRACTORS))}."
     )
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU; anything else as torch reads it."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"device={device!r} is not a torch device; use 'auto', 'cpu' or 'cuda[:N]'.") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} but CUDA is not available here; use device=auto or cpu.")
-    return resolved
 
 
 def check_images(images: Any, who: str) -> Tensor:

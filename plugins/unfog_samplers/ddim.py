@@ -7,8 +7,9 @@ from torch import Tensor
 from unfog import register
 from unfog.diffusion import fresh_noise
 from unfog.errors import ConfigError
-from unfog.protocols import DenoiserFn, NoiseSource
+from unfog.protocols import DenoiserFn, DiffusersScheduler, NoiseSource
 from unfog.timesteps import Spacing, check_steps, sampler_steps
+from unfog_samplers._diffusers import on_grid, spacing_config
 
 
 @register("sampler", "ddim")
@@ -54,3 +55,10 @@ class DDIMSampler:
                 x = x + c * fresh_noise(rng, x)
         return x
 
+    def diffusers_scheduler(self, num_timesteps: int) -> DiffusersScheduler:
+        """diffusers' ``DDIMScheduler``, the same step (Song et al. 2021, Eq. 12); exact where its
+        fixed stride T//S lands on this sampler's grid."""
+        config = spacing_config(self.spacing, "DDIMScheduler", grid_only=True)
+        config["set_alpha_to_one"] = True  # the last step lands on x̂₀, as unfog's does
+        call = {"num_inference_steps": self.steps, "eta": float(self.eta)}
+        return DiffusersScheduler("DDIMScheduler", config, call, exact=on_grid(self.spacing, self.steps, num_timesteps))

@@ -9,8 +9,9 @@ from torch import Tensor
 from unfog import register
 from unfog.diffusion import fresh_noise
 from unfog.errors import ConfigError
-from unfog.protocols import DenoiserFn, NoiseSource
+from unfog.protocols import DenoiserFn, DiffusersScheduler, NoiseSource
 from unfog.timesteps import Spacing, check_steps, sampler_steps
+from unfog_samplers._diffusers import spacing_config
 
 
 @register("sampler", "ddpm")
@@ -63,3 +64,11 @@ class DDPMSampler:
             var = var_ts * sg_s**2 / sg_t**2 if self.variance == "small" else var_ts
             x = mean + var**0.5 * fresh_noise(rng, x)
         return x
+
+    def diffusers_scheduler(self, num_timesteps: int) -> DiffusersScheduler:
+        """diffusers' ``DDPMScheduler`` (Ho et al. 2020, Algorithm 2), which steps to the next point
+        of the same grid with the same posterior, so the steps are exactly this sampler's."""
+        config = spacing_config(self.spacing, "DDPMScheduler", grid_only=True)
+        config["variance_type"] = "fixed_small" if self.variance == "small" else "fixed_large"
+        steps = self.steps if self.steps is not None else num_timesteps
+        return DiffusersScheduler("DDPMScheduler", config, {"num_inference_steps": steps}, exact=True)

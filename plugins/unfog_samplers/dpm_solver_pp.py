@@ -10,8 +10,9 @@ from torch import Tensor
 from unfog import register
 from unfog.diffusion import fresh_noise
 from unfog.errors import ConfigError
-from unfog.protocols import DenoiserFn, NoiseSource
+from unfog.protocols import DenoiserFn, DiffusersScheduler, NoiseSource
 from unfog.timesteps import Spacing, check_steps, sampler_steps
+from unfog_samplers._diffusers import spacing_config
 
 LOWER_ORDER_FINAL_BELOW = 15  # as in diffusers' DPMSolverMultistepScheduler
 
@@ -105,3 +106,14 @@ class DPMSolverPPSampler:
                 x = x + sg_s * math.sqrt(-math.expm1(-2.0 * eta * h)) * fresh_noise(rng, x)
             history = [*history[-1:], (h, d.x0)] if math.isfinite(h) else []
         return x
+
+    def diffusers_scheduler(self, num_timesteps: int) -> DiffusersScheduler:
+        """diffusers' ``DPMSolverMultistepScheduler`` as DPM-Solver++ (Lu et al. 2022) of the same
+        order and variant; the same method, not step for step this one."""
+        config = spacing_config(self.spacing, "DPMSolverMultistepScheduler",
+                                flags=("use_karras_sigmas", "use_lu_lambdas"))
+        config |= {"algorithm_type": "sde-dpmsolver++" if self.variant == "sde" else "dpmsolver++",
+                   "solver_order": self.order, "lower_order_final": self.lower_order_final,
+                   "final_sigmas_type": "zero"}
+        return DiffusersScheduler("DPMSolverMultistepScheduler", config, {"num_inference_steps": self.steps},
+                                  exact=False)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from unfog import register
+from unfog.protocols import DiffusersScheduler
 from unfog.timesteps import Spacing, check_steps
+from unfog_samplers._diffusers import spacing_config
 from unfog_samplers.ddim import DDIMSampler
 
 
@@ -28,3 +30,10 @@ class EulerSampler(DDIMSampler):
     def __init__(self, steps: int = 50, spacing: Spacing | None = None) -> None:
         check_steps("euler", steps)
         super().__init__(steps=steps, eta=0.0, spacing=spacing)
+
+    def diffusers_scheduler(self, num_timesteps: int) -> DiffusersScheduler:
+        """diffusers' ``EulerDiscreteScheduler`` (Karras et al. 2022, Algorithm 1), which steps in σ̃
+        on its own grid and scales its input: the same method, not step for step this one."""
+        config = spacing_config(self.spacing, "EulerDiscreteScheduler", flags=("use_karras_sigmas",))
+        return DiffusersScheduler("EulerDiscreteScheduler", config, {"num_inference_steps": self.steps},
+                                  exact=False, scaled_input=True)

@@ -9,8 +9,9 @@ from torch import Tensor
 from unfog import register
 from unfog.diffusion import fresh_noise
 from unfog.errors import ConfigError
-from unfog.protocols import DenoiserFn, NoiseSource
+from unfog.protocols import DenoiserFn, DiffusersScheduler, NoiseSource
 from unfog.timesteps import Spacing, check_steps, sampler_steps
+from unfog_samplers._diffusers import spacing_config
 
 
 @register("sampler", "euler_ancestral")
@@ -59,3 +60,10 @@ class EulerAncestralSampler:
             if sg_up > 0:
                 x = x + sg_up * fresh_noise(rng, x)
         return x
+
+    def diffusers_scheduler(self, num_timesteps: int) -> DiffusersScheduler:
+        """diffusers' ``EulerAncestralDiscreteScheduler`` (k-diffusion's ancestral Euler, η = 1):
+        the same method, not step for step this one."""
+        config = spacing_config(self.spacing, "EulerAncestralDiscreteScheduler")
+        return DiffusersScheduler("EulerAncestralDiscreteScheduler", config, {"num_inference_steps": self.steps},
+                                  exact=False, scaled_input=True)

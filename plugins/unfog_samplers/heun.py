@@ -10,8 +10,9 @@ from torch import Tensor
 from unfog import register
 from unfog.diffusion import alpha_sigma, fresh_noise
 from unfog.errors import ConfigError
-from unfog.protocols import DenoiserFn, NoiseSource
+from unfog.protocols import DenoiserFn, DiffusersScheduler, NoiseSource
 from unfog.timesteps import Spacing, check_steps, sampler_steps, time_at_log_snr
+from unfog_samplers._diffusers import spacing_config
 
 
 @register("sampler", "heun")
@@ -93,3 +94,10 @@ class HeunSampler:
         # in x: x_hat = (α_hat/α_t)·x + α_hat·√(σ̃_hat² − σ̃_t²)·s_noise·z
         std = math.sqrt(max(sg_h * sg_h - (a_h * sg_t / a_t) ** 2, 0.0)) * self.s_noise
         return t_hat, (a_h / a_t) * x + std * fresh_noise(rng, x)
+
+    def diffusers_scheduler(self, num_timesteps: int) -> DiffusersScheduler:
+        """diffusers' ``HeunDiscreteScheduler`` (Karras et al. 2022, Algorithm 1, without churn):
+        the same method, not step for step this one."""
+        config = spacing_config(self.spacing, "HeunDiscreteScheduler", flags=("use_karras_sigmas",))
+        return DiffusersScheduler("HeunDiscreteScheduler", config, {"num_inference_steps": self.steps},
+                                  exact=False, scaled_input=True)

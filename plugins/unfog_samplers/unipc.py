@@ -10,8 +10,9 @@ from torch import Tensor
 
 from unfog import register
 from unfog.errors import ConfigError
-from unfog.protocols import DenoiserFn, NoiseSource
+from unfog.protocols import DenoiserFn, DiffusersScheduler, NoiseSource
 from unfog.timesteps import Spacing, check_steps, sampler_steps
+from unfog_samplers._diffusers import spacing_config
 
 LOWER_ORDER_FINAL_BELOW = 15  # as dpm_solver_pp
 
@@ -125,6 +126,17 @@ class UniPCSampler:
         g = [h * math.factorial(k) * _phi(k + 1, -h) for k in range(1, len(rs) + 1)]
         R = torch.tensor([[r ** (k - 1) for r in rs] for k in range(1, len(rs) + 1)], dtype=torch.float64)
         return torch.linalg.solve(R, torch.tensor(g, dtype=torch.float64)).tolist()
+
+    def diffusers_scheduler(self, num_timesteps: int) -> DiffusersScheduler:
+        """diffusers' ``UniPCMultistepScheduler`` (Zhao et al. 2023) with the same order, B(h) and
+        corrector; the same method, not step for step this one."""
+        config = spacing_config(self.spacing, "UniPCMultistepScheduler", flags=("use_karras_sigmas",))
+        config |= {"solver_order": self.order, "solver_type": self.variant,
+                   "lower_order_final": self.lower_order_final, "final_sigmas_type": "zero"}
+        if not self.corrector:  # diffusers skips UniC after the steps listed here
+            config["disable_corrector"] = list(range(self.steps))
+        return DiffusersScheduler("UniPCMultistepScheduler", config, {"num_inference_steps": self.steps},
+                                  exact=False)
 
 
 def _phi(k: int, z: float) -> float:

@@ -106,3 +106,20 @@ def test_sampling_sweep_writes_one_folder_per_combination(trained: Path, tmp_pat
     folders = sorted(p.parent.name for p in tmp_path.glob("*/samples.npz"))
     assert len(folders) == 8
     assert any("sampler=heun" in f and "sampler.steps=3" in f and "guidance=2" in f for f in folders)
+
+
+def test_help_lists_every_command_and_an_unknown_one_is_a_one_line_error(tmp_path: Path) -> None:
+    help_text = run("--help", cwd=tmp_path).stdout
+    for name in ("train", "sample", "evaluate", "export", "config", "list", "plugins", "train-classifier"):
+        assert f"  {name} " in help_text, name
+    proc = run("trian", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("unfog: error: unknown command 'trian'. Did you mean 'train'?")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_bad_input_is_one_line_without_a_traceback(tmp_path: Path) -> None:
+    for args in (["train", "data.batch_size=abc"], ["train", "trainer.max_steps=abc"], ["train", "sampler=ddimm"],
+                 ["sample", f"checkpoint={tmp_path / 'nothing.ckpt'}"]):
+        proc = run(*args, cwd=tmp_path, check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("unfog: error: "), (args, proc.stderr)

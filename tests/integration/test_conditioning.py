@@ -11,14 +11,17 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import unfog
-from unfog.cli import conf_dir
+from unfog.commands import conf_dir
 from unfog.config import register_configs
 from unfog.errors import ConfigError, DataError
 from unfog.model import DiffusionModel
-from unfog.run import build_model, load_checkpoint, sample, train, validate
+from unfog.building import build_model, validate
+from unfog.commands.sample import sample
+from unfog.commands.train import train
+from unfog.pipeline import Pipeline
 
 SHAPES = ["dataset=shapes", "dataset.size=16", "dataset.length=64", "backbone=unet_tiny",
-          "backbone.attention_resolutions=[8]", "prediction=v", "trainer=debug", "logger=csv",
+          "backbone.attention_levels=[1]", "prediction=v", "trainer=debug", "logger=csv",
           "data.batch_size=8", "sampling.num_samples=0"]
 TINY_TEXT = ["conditioners.text.dim=16", "conditioners.text.heads=2", "conditioners.text.layers=1",
              "conditioners.text.max_length=8"]
@@ -93,7 +96,7 @@ def test_guidance_plan_per_conditioner() -> None:
     value = unfog.create("conditioner", "scalar", dim=4, dropout=0.2, field="v")
     image = unfog.create("conditioner", "image_concat", data_shape=(1, 8, 8), dropout=0.0)
     backbone = unfog.create("backbone", "unet", data_shape=(1, 8, 8), cond_dim=8, cond_channels=1, channels=8,
-                            channel_mult=(1,), num_res_blocks=1, attention_resolutions=(), groups=4)
+                            channel_mult=(1,), num_res_blocks=1, attention_levels=(), groups=4)
     model = DiffusionModel(backbone, {"label": label, "value": value, "image": image})
     # one scale: every conditioner trained with dropout, nested in config order; the image stays on
     assert model.guidance_plan(3.0) == ([frozenset({"label", "value"}), frozenset()], [3.0])
@@ -124,7 +127,7 @@ def test_missing_or_wrong_typed_fields_name_the_field_and_conditioner() -> None:
     with pytest.raises(DataError, match="text.*'caption'"):
         model.encode({"caption": torch.tensor([1, 2])}, 2)
     with pytest.raises(ConfigError, match=r"conditioner 'text' \(text\) reads the batch field 'caption'.*digits"):
-        from unfog.run import check_data
+        from unfog.building import check_data
 
         cfg = _cfg("conditioner=text", *TINY_TEXT)
         check_data(cfg, unfog.create("dataset", "digits"), validate(cfg))
@@ -139,7 +142,7 @@ def test_text_and_image_conditioned_model_trains_reloads_and_samples_from_prompt
             "sampling.num_samples=4", "sampler.steps=2", "sampling.guidance=2"]
     result = train(_cfg(*over), tmp_path / "run")
     assert result.samples is not None and result.samples.is_file()
-    model, _, _ = load_checkpoint(result.checkpoint)
+    model = Pipeline.load(result.checkpoint).model
     assert list(model.conditioners) == ["text", "image_concat"]
 
     prompts = tmp_path / "prompts.txt"
@@ -176,7 +179,7 @@ def test_pretrained_text_encoder_trains_frozen_and_stays_out_of_checkpoints(tmp_
     result = train(_cfg(*over), tmp_path / "run")
     state = torch.load(result.checkpoint, weights_only=True)["state_dict"]
     assert not any("text_pretrained" in k for k in state), "frozen encoder weights were written"
-    model, _, _ = load_checkpoint(result.checkpoint)
+    model = Pipeline.load(result.checkpoint).model
     assert model.backbone.context_dim == 384  # MiniLM's width reaches the cross-attention
     out = sample(_cfg(f"checkpoint={result.checkpoint}", "sampler.steps=2", "num_samples=2", "device=cpu",
                       "prompt=a red circle", "guidance=2", name="sample"), tmp_path / "s")

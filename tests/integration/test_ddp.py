@@ -10,8 +10,8 @@ import torch
 from _cli import run
 
 import unfog
-from unfog.run import load_checkpoint
-from unfog.sampling import generate
+from unfog.pipeline import Pipeline
+from unfog.schemas import SamplingSettings
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
        "backbone=unet_tiny", "logger=csv", "data.batch_size=8", "sampling.num_samples=10", "sampler.steps=3",
@@ -33,12 +33,9 @@ def test_ddp_trains_draws_the_same_grid_as_one_process_and_resumes_exactly(tmp_p
 
     # The grid two processes drew (each half of it) is the grid one process draws.
     drawn = np.load(first / "samples" / "step_0000004.npz")["samples"]
-    model, schedule, meta = load_checkpoint(first / "checkpoints" / "last.ckpt")
-    cfg = meta["config"]
+    pipe = Pipeline.load(first / "checkpoints" / "last.ckpt")
     sampler = unfog.create("sampler", "ddim", steps=3)
-    alone = generate(model, schedule, sampler, cfg["prediction"], meta["wiring"]["data_shape"], range(10),
-                     seed=cfg["sampling"]["seed"], values={"label": torch.arange(10) % 10},
-                     guidance=cfg["sampling"]["guidance"], clip=tuple(meta["wiring"]["data_range"]))
+    alone = pipe.generate(sampler, 10, {"label": torch.arange(10) % 10}, SamplingSettings.of(pipe.config["sampling"]))
     np.testing.assert_allclose(drawn, alone.numpy(), atol=1e-5, rtol=0)
 
     # Metrics while training: the two processes' shares, scored once, at steps 2 and 4, are

@@ -11,11 +11,11 @@ import pytest
 from _cli import TINY, run
 from hydra import compose, initialize_config_dir
 
-from unfog.cli import _metric_lists, conf_dir
+from unfog.commands import conf_dir, split_metrics
 from unfog.config import register_configs
 from unfog.errors import ConfigError
 from unfog.evaluation import evaluate
-from unfog.run import sample
+from unfog.commands.sample import sample
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +86,9 @@ def test_evaluate_without_a_metric_says_how_to_choose_one(trained: Path, tmp_pat
 
 
 def test_a_comma_list_of_metrics_is_a_list_unless_sweeping() -> None:
-    assert _metric_lists(["metric=fid,kid", "num_samples=5"]) == ["metric=[fid,kid]", "num_samples=5"]
-    assert _metric_lists(["metric=[fid,kid]"]) == ["metric=[fid,kid]"]
-    assert _metric_lists(["-m", "metric=fid,kid"]) == ["-m", "metric=fid,kid"]
+    assert split_metrics(["metric=fid,kid", "num_samples=5"]) == ["metric=[fid,kid]", "num_samples=5"]
+    assert split_metrics(["metric=[fid,kid]"]) == ["metric=[fid,kid]"]
+    assert split_metrics(["-m", "metric=fid,kid"]) == ["-m", "metric=fid,kid"]
 
 
 def test_sample_scores_with_a_list_of_metrics(trained: Path, tmp_path: Path) -> None:

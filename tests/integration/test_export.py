@@ -1,41 +1,67 @@
 """Interop with diffusers: its models as backbones, and ``unfog export`` as safetensors or as a
-diffusers pipeline that reproduces unfog's samples for the same noise."""
+diffusers pipeline that reproduces unfog's samples for the same noise.
+
+The pipelines are built directly (random weights: the comparisons are of arithmetic, not of
+quality) and the exporters called directly; one slow test runs the real command line.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 pytest.importorskip("diffusers")
 
 import unfog  # noqa: E402
-import unfog_backbones  # noqa: E402
-import unfog_backbones.diffusers_models as dm  # noqa: E402  (registers the diffusers backbones)
-from unfog.cli import conf_dir  # noqa: E402
-from unfog.config import register_configs  # noqa: E402
+import unfog_diffusers.models as dm  # noqa: E402
+from unfog import registry  # noqa: E402
+from unfog.building import build_model  # noqa: E402
+from unfog.config import build  # noqa: E402
 from unfog.diffusion import SeededNoise  # noqa: E402
-from unfog.errors import ConfigError, DataError  # noqa: E402
-from unfog.export import export_diffusers, export_safetensors, load_exported  # noqa: E402
-from unfog.run import load_checkpoint, train  # noqa: E402
-from unfog.sampling import generate  # noqa: E402
+from unfog.errors import CheckpointError, ConfigError, UnfogError  # noqa: E402
+from unfog.export import export  # noqa: E402
+from unfog.pipeline import DiffusionPipeline, Pipeline  # noqa: E402
+from unfog.schemas import SamplingSettings  # noqa: E402
 from unfog.testing import BackboneContract  # noqa: E402
 
-TINY = ["trainer=debug", "logger=csv", "data.batch_size=16", "sampling.num_samples=0", "optim.warmup_steps=0"]
-DIFFUSERS_TINY = ["backbone=diffusers_unet", "backbone.block_out_channels=[16,32]", "~conditioner",
-                  "sampling.guidance=1"]
-# the package __init__ imports the module once it is wired in; until then the CLI cannot see it
-IN_PACKAGE = "diffusers_models" in Path(unfog_backbones.__file__).read_text()
+SHAPE = (1, 8, 8)
+DIFFUSERS_UNET = {"_name_": "diffusers_unet", "block_out_channels": [16, 32]}
+UNET_TINY = {"_name_": "unet", "channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [1],
+             "dropout": 0.0, "groups": 8}  # conf/backbone/unet_tiny.yaml
+LABELS = {"class_label": {"_name_": "class_label", "dim": 16}}
+SCHEDULERS = {"dpm_solver_pp": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler",
+              "euler": "EulerDiscreteScheduler", "heun": "HeunDiscreteScheduler",
+              "euler_ancestral": "EulerAncestralDiscreteScheduler"}
+# numpy 2 warns inside diffusers' schedulers when they build their sigmas
+ARRAY_WARNING = "ignore:__array__ implementation:DeprecationWarning"
 
 
-def _cfg(*overrides: str):
-    register_configs()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name="train", overrides=[*TINY, *overrides])
+def _pipeline(backbone: dict[str, Any] = DIFFUSERS_UNET, conditioners: dict[str, Any] | None = None,
+              schedule: dict[str, Any] | None = None, prediction: str = "eps",
+              data_range: tuple[float, float] = (-1, 1), source: str | None = None) -> DiffusionPipeline:
+    """A pipeline with random weights, as ``Pipeline.load`` builds one from a checkpoint."""
+    cfg = {"backbone": backbone, "conditioners": conditioners or {}, "schedule": schedule or {"_name_": "cosine"},
+           "prediction": prediction, "sampler": {"_name_": "ddim", "steps": 4}}
+    torch.manual_seed(0)
+    model = build_model(cfg, SHAPE, 10 if conditioners else None).eval()
+    return DiffusionPipeline(model, build("schedule", cfg["schedule"]), prediction, data_shape=SHAPE,
+                             data_range=data_range, config=cfg, versions={"unfog": "0.1.0"}, source=source)
+
+
+def _export(pipeline: DiffusionPipeline, out: Path, sampler: str | None = None, clip: bool = True,
+            **settings: Any) -> Path:
+    exporter = unfog.create("exporter", "diffusers", clip=clip)
+    return exporter.export(pipeline, out, unfog.create("sampler", sampler, **settings) if sampler else None)
+
+
+def _record(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "unfog.json").read_text())
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -48,18 +74,12 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def diffusers_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An unconditional diffusers_unet trained 4 steps on the 8x8 digits (cosine schedule, T = 1000)."""
-    return train(_cfg(*DIFFUSERS_TINY), tmp_path_factory.mktemp("diffusers_run")).checkpoint
+def unconditional() -> DiffusionPipeline:
+    """An unconditional diffusers_unet on the cosine schedule (T = 1000), random weights."""
+    return _pipeline()
 
 
-@pytest.fixture(scope="module")
-def unet_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """unfog's own class-conditional unet_tiny, trained 2 steps."""
-    return train(_cfg("backbone=unet_tiny", "trainer.max_steps=2"), tmp_path_factory.mktemp("unet_run")).checkpoint
-
-
-def _unet_folder(root: Path, data_shape: tuple[int, ...] = (1, 8, 8), cond_dim: int = 0, context_dim: int = 0,
+def _unet_folder(root: Path, data_shape: tuple[int, ...] = SHAPE, cond_dim: int = 0, context_dim: int = 0,
                  cond_channels: int = 0, **config) -> Path:
     """A tiny diffusers U-Net saved with save_pretrained, made to take the given wiring: a
     UNet2DConditionModel for tokens, else a UNet2DModel; vector conditioning through
@@ -86,37 +106,44 @@ def _unet_folder(root: Path, data_shape: tuple[int, ...] = (1, 8, 8), cond_dim: 
 
 # (a) the exported pipeline reproduces unfog's DDIM and DDPM samples ------------------------------------------
 
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
-def test_diffusers_pipeline_reproduces_unfog_samples(diffusers_run: Path, tmp_path: Path, sampler: str) -> None:
+EXACT = {"ddim": {}, "ddim-eta": {"eta": 0.5}, "ddim-trailing": {"spacing": "trailing"},
+         "ddpm": {}, "ddpm-large": {"variance": "large", "spacing": "linspace"}}
+
+
+@pytest.mark.parametrize("case", list(EXACT))
+def test_diffusers_pipeline_reproduces_unfog_samples(unconditional: DiffusionPipeline, tmp_path: Path,
+                                                     case: str) -> None:
     import diffusers
 
+    name, settings = case.split("-")[0], EXACT[case]
     steps, n, seed = 10, 6, 3
-    folder = export_diffusers(diffusers_run, tmp_path / "pipe", {"_name_": sampler, "steps": steps})
+    folder = _export(unconditional, tmp_path / "pipe", name, steps=steps, **settings)
     assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert not list(folder.rglob("*.bin")), "weights must be safetensors only"
     pipe = diffusers.DiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
-    model, schedule, meta = load_checkpoint(diffusers_run)
-    assert type(pipe).__name__ == {"ddim": "DDIMPipeline", "ddpm": "DDPMPipeline"}[sampler]
+    schedule = unconditional.schedule
+    assert type(pipe).__name__ == {"ddim": "DDIMPipeline", "ddpm": "DDPMPipeline"}[name]
     sched = pipe.scheduler.config
     assert sched.trained_betas == schedule.betas.tolist()  # unfog's betas, exactly
     assert (sched.prediction_type, sched.clip_sample, sched.clip_sample_range) == ("epsilon", True, 1.0)
-    unfog_sampler = unfog.create("sampler", sampler, steps=steps)
-    call = json.loads((folder / "unfog.json").read_text())["pipeline_call"]
-    assert call["num_inference_steps"] == steps
+    sampler = unfog.create("sampler", name, steps=steps, **settings)
+    record = _record(folder)
+    call = record["pipeline_call"]
+    assert call["num_inference_steps"] == steps and record["exact"] is True
 
     # 1. unet + scheduler driven by hand from unfog's own initial noise (σ(1)·ε) and step noise
-    ours = generate(model, schedule, unfog_sampler, "eps", (1, 8, 8), range(n), seed=seed, clip=(-1.0, 1.0))
+    ours = unconditional.generate(sampler, n, settings=SamplingSettings(seed=seed, clip=True))
     rng = SeededNoise.for_indices(seed, range(n))
     sigma_1 = float(schedule.sigma(torch.tensor([1.0], dtype=torch.float64))[0])
-    x = sigma_1 * rng.randn_like(torch.empty(n, 1, 8, 8))
+    x = sigma_1 * rng.randn_like(torch.empty(n, *SHAPE))
     pipe.scheduler.set_timesteps(steps)
     extra = {k: v for k, v in call.items() if k != "num_inference_steps"}
     with torch.no_grad():
         for t in pipe.scheduler.timesteps:
             x = pipe.scheduler.step(pipe.unet(x, t).sample, t, x, generator=rng.generators, **extra).prev_sample
     loop_diff = (x - ours).abs().max().item()
-    # measured: 6.6e-7 (DDIM) and 5.9e-6 (DDPM); both sides compute in float32, diffusers' ᾱ by a float32 cumprod
+    # measured: 7e-7 to 2.4e-6 (DDIM) and 3e-6 to 7e-6 (DDPM); both in float32, diffusers' ᾱ by a float32 cumprod
     assert loop_diff < 1e-4, loop_diff
     assert 0.05 < (ours.abs() < 0.999).float().mean()  # not a comparison of clipped constants
 
@@ -125,153 +152,233 @@ def test_diffusers_pipeline_reproduces_unfog_samples(diffusers_run: Path, tmp_pa
     gens = [torch.Generator().manual_seed(seed * 1_000_003 + k) for k in range(n)]
     images = pipe(batch_size=n, generator=gens, output_type="pt", **call).images
     rng = SeededNoise.for_indices(seed, range(n))
-    noise = rng.randn_like(torch.empty(n, 1, 8, 8))
+    noise = rng.randn_like(torch.empty(n, *SHAPE))
     with torch.no_grad():
-        same = unfog_sampler.sample(model.denoiser(schedule, "eps", None, n, clip=(-1.0, 1.0)), noise, rng)
+        denoiser = unconditional.model.denoiser(schedule, "eps", None, n, clip=(-1.0, 1.0))
+        same = sampler.sample(denoiser, noise, rng)
     pipe_diff = (images * 2 - 1 - same).abs().max().item()  # the pipeline returns x/2 + 1/2 in [0, 1]
-    assert pipe_diff < 1e-4, pipe_diff  # measured: 7e-7 (DDIM) and 6e-6 (DDPM)
+    assert pipe_diff < 1e-4, pipe_diff
 
 
-@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers' schedulers
-def test_other_samplers_map_to_their_diffusers_schedulers(diffusers_run: Path, tmp_path: Path) -> None:
+@pytest.mark.filterwarnings(ARRAY_WARNING)
+def test_other_samplers_map_to_their_diffusers_schedulers(unconditional: DiffusionPipeline, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
     import diffusers
 
-    model, schedule, _ = load_checkpoint(diffusers_run)
-    expected = {"dpm_solver_pp": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler",
-                "euler": "EulerDiscreteScheduler", "heun": "HeunDiscreteScheduler",
-                "euler_ancestral": "EulerAncestralDiscreteScheduler"}
-    for name, cls in expected.items():
-        folder = export_diffusers(diffusers_run, tmp_path / name, {"_name_": name})
+    for name, cls in SCHEDULERS.items():
+        with caplog.at_level(logging.WARNING, logger="unfog"):
+            caplog.clear()
+            folder = _export(unconditional, tmp_path / name, name)
         index = json.loads((folder / "model_index.json").read_text())
         assert index["_class_name"] == "DDPMPipeline" and index["scheduler"] == ["diffusers", cls], name
         scheduler = getattr(diffusers, cls).from_pretrained(folder / "scheduler")
-        assert scheduler.config.trained_betas == schedule.betas.tolist()
-        assert json.loads((folder / "unfog.json").read_text())["exact"] is False
+        assert scheduler.config.trained_betas == unconditional.schedule.betas.tolist()
+        record, readme = _record(folder), (folder / "README.md").read_text()
+        assert record["exact"] is False and record["scheduler"] == cls
+        assert "is diffusers' implementation of the method, not step for step unfog's" in readme
+        scaled = name in ("euler", "heun", "euler_ancestral")
+        assert ("scale_model_input" in readme) == scaled, name
+        assert any("needs scale_model_input" in r.getMessage() for r in caplog.records) == scaled, name
+
+
+def test_an_inexact_ddim_export_says_so(unconditional: DiffusionPipeline, tmp_path: Path,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="unfog"):
+        folder = _export(unconditional, tmp_path / "pipe", "ddim", steps=7, spacing="trailing")  # 1000 % 7 != 0
+    assert _record(folder)["exact"] is False
+    assert "takes steps close to, not equal to, unfog's" in (folder / "README.md").read_text()
+    assert any("the export is close, not exact" in r.getMessage() for r in caplog.records)
+
+
+def test_the_record_and_readme(tmp_path: Path) -> None:
+    import diffusers
+
+    source = tmp_path / "run.ckpt"
+    folder = _export(_pipeline(source=str(source)), tmp_path / "pipe", "ddim", clip=False, steps=5)
+    record = _record(folder)
+    assert record["format"] == "diffusers" and record["scheduler"] == "DDIMScheduler"
+    assert record["sampler"] == {"_name_": "ddim", "steps": 5, "eta": 0.0, "spacing": None}
+    assert record["pipeline_call"] == {"num_inference_steps": 5, "eta": 0.0, "use_clipped_model_output": False}
+    assert record["source_checkpoint"] == str(source.resolve()) and record["ema"] is True
+    assert record["exported_by"]["diffusers"] == diffusers.__version__ and record["versions"] == {"unfog": "0.1.0"}
+    assert record["config"]["backbone"] == DIFFUSERS_UNET and record["wiring"]["data_shape"] == list(SHAPE)
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["clip_sample"] is False  # clip=false
+    readme = (folder / "README.md").read_text()
+    assert "pipe(batch_size=4, num_inference_steps=5, eta=0.0, use_clipped_model_output=False)" in readme
+    assert "takes the same steps as unfog's `ddim`" in readme
+
+
+def test_without_a_sampler_the_trained_one_is_used(unconditional: DiffusionPipeline, tmp_path: Path) -> None:
+    record = _record(_export(unconditional, tmp_path / "pipe"))
+    assert record["sampler"]["_name_"] == "ddim" and record["pipeline_call"]["num_inference_steps"] == 4
+
+
+def test_unfog_export_loads_the_model_and_builds_the_exporter(unconditional: DiffusionPipeline, tmp_path: Path) -> None:
+    import diffusers
+
+    saved = unconditional.save(tmp_path / "model")  # an export folder is a checkpoint Pipeline.load reads
+    folder = export({"checkpoint": str(saved), "format": {"_name_": "diffusers"},
+                     "sampler": {"_name_": "ddpm", "steps": 5}, "output_dir": str(tmp_path / "pipe")})
+    assert folder == tmp_path / "pipe"
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
+    unet = diffusers.UNet2DModel.from_pretrained(folder / "unet").state_dict()
+    ours = unconditional.model.backbone.diffusers_model.state_dict()
+    assert unet.keys() == ours.keys() and all(torch.equal(unet[k], v) for k, v in ours.items())
+    assert _record(folder)["source_checkpoint"] == str(saved.resolve())
+    with pytest.raises(UnfogError, match="onnx"):
+        export({"checkpoint": str(saved), "format": {"_name_": "onnx"}, "output_dir": str(tmp_path / "x")})
 
 
 # (b) safetensors export of any backbone ------------------------------------------------------------------
 
-def test_safetensors_export_samples_like_the_checkpoint(unet_run: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def labelled() -> DiffusionPipeline:
+    """unfog's own class-conditional unet_tiny, random weights."""
+    return _pipeline(UNET_TINY, LABELS)
+
+
+def test_safetensors_export_samples_like_the_pipeline(labelled: DiffusionPipeline, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    folder = export_safetensors(unet_run, tmp_path / "export")
-    model, schedule, meta = load_checkpoint(unet_run)
+    folder = unfog.create("exporter", "safetensors").export(labelled, tmp_path / "export", None)
     state = load_file(str(folder / "model.safetensors"))
-    assert state.keys() == model.state_dict().keys()
-    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # the EMA weights
-    record = json.loads((folder / "unfog.json").read_text())
-    assert record["config"] == meta["config"] and record["wiring"] == meta["wiring"]
-    assert record["versions"]["unfog"] and record["source_checkpoint"] == str(unet_run.resolve())
-    assert len(record["sha256"]) == 64
-    loaded, schedule2, meta2 = load_exported(folder)
-    assert torch.equal(schedule2.betas, schedule.betas)
+    ours = labelled.model.state_dict()
+    assert state.keys() == ours.keys() and all(torch.equal(state[k], v) for k, v in ours.items())
+    record = _record(folder)
+    assert record["config"] == labelled.config and record["wiring"] == labelled.wiring
+    assert record["versions"] == {"unfog": "0.1.0"} and len(record["sha256"]) == 64
+    loaded = Pipeline.load(folder)
+    assert torch.equal(loaded.schedule.betas, labelled.schedule.betas)
     sampler = unfog.create("sampler", "ddim", steps=3)
-    kwargs = dict(values={"label": torch.arange(5)}, guidance=2.0, clip=(-1.0, 1.0), seed=1)
-    a = generate(model, schedule, sampler, "eps", (1, 8, 8), range(5), **kwargs)
-    b = generate(loaded, schedule2, sampler, "eps", (1, 8, 8), range(5), **kwargs)
-    assert torch.equal(a, b)
-    again, _, _ = load_checkpoint(folder)  # a folder is read as an export
-    assert all(torch.equal(p, q) for p, q in zip(again.state_dict().values(), loaded.state_dict().values()))
+    kwargs = dict(values={"label": torch.arange(5)}, settings=SamplingSettings(guidance=2.0, seed=1))
+    assert torch.equal(labelled.generate(sampler, 5, **kwargs), loaded.generate(sampler, 5, **kwargs))
 
 
-def test_a_changed_export_is_refused(unet_run: Path, tmp_path: Path) -> None:
-    folder = export_safetensors(unet_run, tmp_path / "export", use_ema=False)
-    assert json.loads((folder / "unfog.json").read_text())["ema"] is False
+def test_a_changed_export_is_refused(labelled: DiffusionPipeline, tmp_path: Path) -> None:
+    folder = unfog.create("exporter", "safetensors").export(labelled, tmp_path / "export", None)
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
-    with pytest.raises(DataError, match="does not match the sha256"):
-        load_exported(folder)
-    with pytest.raises(ConfigError, match="is not an unfog export"):
-        load_exported(tmp_path)
+    with pytest.raises(CheckpointError, match="does not match the sha256"):
+        Pipeline.load(folder)
+    with pytest.raises(CheckpointError, match="not an unfog export"):
+        Pipeline.load(tmp_path)
 
 
-def test_cli_exports_and_samples_from_the_export(unet_run: Path, diffusers_run: Path, tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+# (c) the real command line ---------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_cli_trains_and_exports_a_diffusers_unet(tmp_path: Path) -> None:
+    """``unfog train`` a tiny diffusers_unet, ``unfog export`` it as diffusers and as safetensors,
+    and ``unfog sample`` from the safetensors export."""
     import numpy as np
-    from _cli import run
+    from _cli import TINY, run
 
-    from unfog.cli import main
-
-    # `unfog export` in this process (the diffusers backbones are registered here), `unfog sample` for real
-    hydra_dir = f"hydra.run.dir={tmp_path / 'hydra'}"
-    main(["export", f"checkpoint={unet_run}", "format=safetensors", f"output_dir={tmp_path / 'export'}", hydra_dir])
-    main(["export", f"checkpoint={diffusers_run}", "format=diffusers", "sampler=ddpm", "sampler.steps=5",
-          f"output_dir={tmp_path / 'pipe'}", hydra_dir])
-    printed = capsys.readouterr().out
-    assert f"as safetensors to {tmp_path / 'export'}" in printed and f"as diffusers to {tmp_path / 'pipe'}" in printed
+    env = {"OMP_NUM_THREADS": "1"}
+    tiny = [o for o in TINY if not o.startswith(("backbone=", "sampling.num_samples="))]
+    out = run("train", *tiny, "backbone=diffusers_unet", "backbone.block_out_channels=[16,32]", "~conditioner",
+              "sampling.guidance=1", "sampling.num_samples=0", "trainer.max_steps=2", f"hydra.run.dir={tmp_path}",
+              cwd=tmp_path, env=env)
+    assert "trained 2 steps" in out.stdout
+    ckpt = f"checkpoint={tmp_path / 'checkpoints' / 'last.ckpt'}"
+    out = run("export", ckpt, "format=diffusers", "format.clip=false", "sampler=ddpm", "sampler.steps=5",
+              f"output_dir={tmp_path / 'pipe'}", f"hydra.run.dir={tmp_path / 'export1'}", cwd=tmp_path, env=env)
+    assert f"as diffusers to {tmp_path / 'pipe'}" in out.stdout
     assert json.loads((tmp_path / "pipe" / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
+    assert json.loads((tmp_path / "pipe" / "scheduler" / "scheduler_config.json").read_text())["clip_sample"] is False
+    assert _record(tmp_path / "pipe")["exact"] is True
+    run("export", ckpt, "format=safetensors", f"output_dir={tmp_path / 'export'}",
+        f"hydra.run.dir={tmp_path / 'export2'}", cwd=tmp_path, env=env)
     run("sample", f"checkpoint={tmp_path / 'export'}", "num_samples=4", "sampler.steps=2",
-        f"output_dir={tmp_path / 'samples'}", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
-    data = np.load(tmp_path / "samples" / "samples.npz")
-    assert data["samples"].shape == (4, 1, 8, 8) and list(data["labels"]) == [0, 1, 2, 3]
+        f"output_dir={tmp_path / 'samples'}", cwd=tmp_path, env=env)
+    assert np.load(tmp_path / "samples" / "samples.npz")["samples"].shape == (4, *SHAPE)
 
 
-@pytest.mark.skipif(not IN_PACKAGE, reason="unfog_backbones/__init__.py does not import diffusers_models yet")
-def test_cli_trains_a_diffusers_backbone(tmp_path: Path) -> None:
-    from _cli import run
-
-    out = run("train", *TINY, *DIFFUSERS_TINY, "trainer.max_steps=1", f"hydra.run.dir={tmp_path}", cwd=tmp_path,
-              env={"OMP_NUM_THREADS": "1"})
-    assert "trained 1 steps" in out.stdout
-
-
-# (c) a diffusers model folder as the backbone ---------------------------------------------------------------
+# (d) a diffusers model folder as the backbone ---------------------------------------------------------------
 
 def test_diffusers_folder_trains_from_the_saved_weights(tmp_path: Path) -> None:
     import diffusers
 
     folder = _unet_folder(tmp_path / "unet")
-    net = unfog.create("backbone", "diffusers_folder", data_shape=(1, 8, 8), path=str(folder))
+    net = unfog.create("backbone", "diffusers_folder", data_shape=SHAPE, path=str(folder))
     saved = diffusers.UNet2DModel.from_pretrained(folder).state_dict()
     assert all(torch.equal(v, saved[k]) for k, v in net.diffusers_model.state_dict().items())
-    result = train(_cfg("backbone=diffusers_folder", f"backbone.path={folder}", "~conditioner",
-                        "sampling.guidance=1", "trainer.max_steps=2"), tmp_path / "run")
-    assert result.steps == 2 and result.final_loss is not None and torch.isfinite(torch.tensor(result.final_loss))
+    optimizer = torch.optim.SGD(net.parameters(), lr=1e-2)
+    x, eps, t = torch.randn(4, *SHAPE), torch.randn(4, *SHAPE), torch.rand(4)
+    losses = []
+    for _ in range(2):
+        loss = (net(x, t, {}) - eps).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[1] < losses[0]
 
 
 def test_diffusers_folder_refuses_a_missing_or_mismatched_folder(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
-        unfog.create("backbone", "diffusers_folder", data_shape=(1, 8, 8), path=str(tmp_path / "nope"))
+        unfog.create("backbone", "diffusers_folder", data_shape=SHAPE, path=str(tmp_path / "nope"))
     with pytest.raises(ConfigError, match="no config.json"):
-        unfog.create("backbone", "diffusers_folder", data_shape=(1, 8, 8), path=str(tmp_path))
+        unfog.create("backbone", "diffusers_folder", data_shape=SHAPE, path=str(tmp_path))
     folder = _unet_folder(tmp_path / "unet")
     with pytest.raises(ConfigError, match=r"1 input and 1 output channels at sample_size 8.*\(3, 16, 16\)"):
         unfog.create("backbone", "diffusers_folder", data_shape=(3, 16, 16), path=str(folder))
     with pytest.raises(ConfigError, match="vector conditioning of width 5 needs"):
-        unfog.create("backbone", "diffusers_folder", data_shape=(1, 8, 8), path=str(folder), cond_dim=5)
+        unfog.create("backbone", "diffusers_folder", data_shape=SHAPE, path=str(folder), cond_dim=5)
 
 
-# (d) clear errors -----------------------------------------------------------------------------------------
+# (e) clear errors -----------------------------------------------------------------------------------------
 
-def test_export_errors_say_what_to_do(unet_run: Path, diffusers_run: Path, tmp_path: Path) -> None:
+class JumpToX0:
+    """A sampler with no diffusers counterpart: one jump from noise to x̂₀."""
+
+    def __init__(self, steps: int = 1) -> None:
+        self.steps = steps
+
+    def sample(self, denoiser: Any, noise: torch.Tensor, rng: Any = None) -> torch.Tensor:
+        return denoiser(noise, 1.0).x0
+
+
+@pytest.mark.filterwarnings(ARRAY_WARNING)
+def test_export_errors_say_what_to_do(unconditional: DiffusionPipeline, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="backbone=diffusers_unet.*'unet'.*format=safetensors"):
-        export_diffusers(unet_run, tmp_path / "a")
-    ckpt = torch.load(diffusers_run, map_location="cpu", weights_only=True)
-    ckpt["unfog"]["config"]["prediction"] = "flow"
-    flow = tmp_path / "flow.ckpt"
-    torch.save(ckpt, flow)
+        _export(_pipeline(UNET_TINY), tmp_path / "a", "ddim")
+    flow = DiffusionPipeline(unconditional.model, unconditional.schedule, "flow", data_shape=SHAPE,
+                             data_range=(-1, 1), config=unconditional.config)
     with pytest.raises(ConfigError, match="predicts 'flow'.*format=safetensors"):
-        export_diffusers(flow, tmp_path / "b")
-    with pytest.raises(ConfigError, match="sampler 'x0_jump' has no diffusers scheduler; .*ddim, ddpm"):
-        export_diffusers(diffusers_run, tmp_path / "c", {"_name_": "x0_jump"})
+        _export(flow, tmp_path / "b", "ddim")
+    with registry.isolated():
+        registry.register("sampler", "x0_jump")(JumpToX0)
+        with pytest.raises(ConfigError, match="sampler 'x0_jump' has no diffusers scheduler; .*ddim, ddpm"):
+            _export(unconditional, tmp_path / "c", "x0_jump")
     with pytest.raises(ConfigError, match="spacing=karras has no counterpart"):
-        export_diffusers(diffusers_run, tmp_path / "d", {"_name_": "ddim", "spacing": "karras"})
-    from unfog.export import export
+        _export(unconditional, tmp_path / "d", "ddim", spacing="karras")
+    with pytest.raises(ConfigError, match="needs a discrete schedule.*'rectified_flow'.*format=safetensors"):
+        _export(_pipeline(schedule={"_name_": "rectified_flow"}, prediction="eps"), tmp_path / "e", "ddim")
+    short = _pipeline(schedule={"_name_": "linear", "num_timesteps": 100})
+    with pytest.raises(ConfigError, match="1000-step schedule, but the schedule has T = 100.*num_train_timesteps=100"):
+        _export(short, tmp_path / "f", "ddim")
+    labelled = _pipeline(conditioners=LABELS)
+    with pytest.raises(ConfigError, match="unconditional UNet2DModel.*conditioners \\['class_label'\\]"):
+        _export(labelled, tmp_path / "g", "ddim")
+    with pytest.raises(ConfigError, match=r"data range is \[0.0, 1.0\]; export with clip=false"):
+        _export(_pipeline(data_range=(0, 1)), tmp_path / "h", "ddim")
+    assert not [p.name for p in tmp_path.iterdir()]  # nothing is written before the checks pass
+    assert _export(_pipeline(data_range=(0, 1)), tmp_path / "i", "ddim", clip=False).is_dir()
 
-    with pytest.raises(ConfigError, match="Unknown export format 'onnx'"):
-        export({"format": "onnx", "checkpoint": str(unet_run), "output_dir": str(tmp_path)})
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
-
-def test_missing_diffusers_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_diffusers_says_how_to_install(unconditional: DiffusionPipeline, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers now raises ImportError
     with pytest.raises(ConfigError, match=r"pip install 'unfog\[diffusers\]'"):
-        unfog.create("backbone", "diffusers_unet", data_shape=(1, 8, 8))
+        unfog.create("backbone", "diffusers_unet", data_shape=SHAPE)
+    with pytest.raises(ConfigError, match=r"format=diffusers needs diffusers.*pip install 'unfog\[diffusers\]'"):
+        _export(unconditional, tmp_path / "pipe", "ddim")
 
 
-# (e) the wrappers, unit level -----------------------------------------------------------------------------
+# (f) the wrappers, unit level -----------------------------------------------------------------------------
 
 def test_timestep_is_diffusers_index_of_the_same_grid_point() -> None:
     i = torch.arange(1, 1001)
@@ -296,31 +403,32 @@ def _cond(wiring: dict[str, int], n: int = 3) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("key", ["diffusers_unet", "diffusers_transformer", "diffusers_folder"])
 def test_each_declared_route_builds_and_runs(key: str, tmp_path: Path) -> None:
+    assert unfog.get("backbone", key).module == "unfog_diffusers.models"
     routes = unfog.get("backbone", key).obj.routes
     combos = [{}] + [ROUTES[r] for r in routes] + [{k: v for r in routes for k, v in ROUTES[r].items()}]
     for n, wiring in enumerate(combos):
         extra = {"block_out_channels": (16, 32)} if key == "diffusers_unet" else {}
         if key == "diffusers_folder":
             extra = {"path": str(_unet_folder(tmp_path / str(n), **wiring))}
-        net = unfog.create("backbone", key, data_shape=(1, 8, 8), **wiring, **extra)
-        x = torch.randn(3, 1, 8, 8)
+        net = unfog.create("backbone", key, data_shape=SHAPE, **wiring, **extra)
+        x = torch.randn(3, *SHAPE)
         out = net(x, torch.rand(3), _cond(wiring))
         assert out.shape == x.shape and torch.isfinite(out).all(), (key, wiring)
-    unet = unfog.create("backbone", "diffusers_unet", data_shape=(1, 8, 8), block_out_channels=(16, 32), context_dim=12)
+    unet = unfog.create("backbone", "diffusers_unet", data_shape=SHAPE, block_out_channels=(16, 32), context_dim=12)
     assert unet.diffusers_class == "UNet2DConditionModel" and unet.diffusers_config["cross_attention_dim"] == 12
 
 
 def test_folder_with_a_class_embedding_runs_without_conditioning(tmp_path: Path) -> None:
     folder = _unet_folder(tmp_path / "a", class_embed_type="identity")  # takes a vector, here none: zeros
-    net = unfog.create("backbone", "diffusers_folder", data_shape=(1, 8, 8), path=str(folder))
-    x, t = torch.randn(2, 1, 8, 8), torch.rand(2)
+    net = unfog.create("backbone", "diffusers_folder", data_shape=SHAPE, path=str(folder))
+    x, t = torch.randn(2, *SHAPE), torch.rand(2)
     plain = net.diffusers_model(x, dm.diffusers_timestep(t, 1000), class_labels=torch.zeros(2, 64)).sample
     assert torch.equal(net(x, t, {}), plain)
     with pytest.raises(ConfigError, match="embeds class ids itself"):
-        unfog.create("backbone", "diffusers_folder", data_shape=(1, 8, 8),
+        unfog.create("backbone", "diffusers_folder", data_shape=SHAPE,
                      path=str(_unet_folder(tmp_path / "b", num_class_embeds=10)))
     with pytest.raises(ConfigError, match="needs a token conditioner of that width"):
-        unfog.create("backbone", "diffusers_folder", data_shape=(1, 8, 8),
+        unfog.create("backbone", "diffusers_folder", data_shape=SHAPE,
                      path=str(_unet_folder(tmp_path / "c", context_dim=6)))
 
 
@@ -328,9 +436,9 @@ def test_wrappers_refuse_what_they_cannot_build() -> None:
     with pytest.raises(ConfigError, match="divisible by 4"):
         unfog.create("backbone", "diffusers_unet", data_shape=(1, 6, 6), block_out_channels=(8, 8, 8))
     with pytest.raises(ConfigError, match="norm_num_groups=8"):
-        unfog.create("backbone", "diffusers_unet", data_shape=(1, 8, 8), block_out_channels=(12, 16))
+        unfog.create("backbone", "diffusers_unet", data_shape=SHAPE, block_out_channels=(12, 16))
     with pytest.raises(ConfigError, match="no cross-attention"):
-        unfog.create("backbone", "diffusers_transformer", data_shape=(1, 8, 8), context_dim=4)
+        unfog.create("backbone", "diffusers_transformer", data_shape=SHAPE, context_dim=4)
     with pytest.raises(ConfigError, match="square images"):
         unfog.create("backbone", "diffusers_transformer", data_shape=(1, 8, 4))
 

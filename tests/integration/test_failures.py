@@ -12,10 +12,11 @@ from torch import nn
 
 import unfog
 from unfog import registry
-from unfog.cli import conf_dir
+from unfog.commands import conf_dir
 from unfog.config import register_configs
 from unfog.errors import NonFiniteLossError
-from unfog.run import load_checkpoint, train
+from unfog.commands.train import train
+from unfog.pipeline import Pipeline
 
 
 class NanAfter(nn.Module):
@@ -55,5 +56,4 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path: Pa
         ckpt = torch.load(last, map_location="cpu", weights_only=True)
         assert ckpt["global_step"] == 4
         assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
-        model, schedule, meta = load_checkpoint(last)
-        assert meta["config"]["backbone"]["_name_"] == "nan_after"
+        assert Pipeline.load(last).config["backbone"]["_name_"] == "nan_after"

@@ -39,3 +39,17 @@ def test_plugin_passes_its_own_contract_tests(installed: None) -> None:
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE / "tests")],
                           capture_output=True, text=True, cwd=EXAMPLE)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_an_installed_plugin_adds_a_command_run_like_unfogs_own(installed: None, tmp_path: Path) -> None:
+    assert "schedule-table" in run("--help", cwd=tmp_path).stdout
+    out = run("schedule-table", "schedule=cosine", "points=3", cwd=tmp_path)
+    assert out.stdout.splitlines()[0] == "t,alpha,sigma,log_snr" and len(out.stdout.splitlines()) == 4
+    tables = list((tmp_path / "outputs" / "schedule-table").glob("*/*/table.csv"))  # unfog's run folders
+    assert len(tables) == 1 and (tables[0].parent / ".hydra" / "config.yaml").is_file()
+    sweep = run("schedule-table", "-m", "schedule=cosine,sqrt", "points=2", cwd=tmp_path)
+    assert sweep.returncode == 0 and len(list((tmp_path / "multirun" / "schedule-table").rglob("table.csv"))) == 2
+    bad = run("schedule-table", "points=1", cwd=tmp_path, check=False)
+    assert bad.returncode == 1 and bad.stderr.strip() == "unfog: error: points=1: give at least 2 times (t = 0 and t = 1)."
+    typo = run("schedule-table", "schedule=cosin", cwd=tmp_path, check=False)
+    assert typo.returncode == 1 and "there is no option 'schedule/cosin'" in typo.stderr and "Traceback" not in typo.stderr

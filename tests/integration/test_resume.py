@@ -9,17 +9,18 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from unfog.cli import conf_dir
+from unfog.commands import conf_dir
 from unfog.config import register_configs
 from unfog.errors import ConfigError
-from unfog.run import train
+from unfog.commands.train import train
 
 COMMON = ["trainer=debug", "logger=csv", "sampling.num_samples=0", "optim.warmup_steps=3"]
 SETUPS = {
     # 64 points in batches of 16: 4 batches a pass, so step 6 is mid-pass and passes are crossed
     "toy2d": ["experiment=toy2d", "dataset.size=64", "data.batch_size=16"],
     # a U-Net with dropout and a class conditioner that drops labels at random
-    "digits": ["backbone=unet_tiny", "backbone.dropout=0.1", "conditioners.class_label.dropout=0.3", "data.batch_size=8"],
+    "digits": ["backbone=unet_tiny", "backbone.dropout=0.1", "conditioner=class_label",
+               "conditioners.class_label.dropout=0.3", "data.batch_size=8"],
 }
 
 

@@ -9,9 +9,9 @@ import torch
 from _cli import run
 from hydra import compose, initialize_config_dir
 
-from unfog.cli import conf_dir
+from unfog.commands import conf_dir
 from unfog.config import register_configs
-from unfog.run import train
+from unfog.commands.train import train
 
 TINY = ["backbone=unet_tiny", "trainer=debug", "logger=wandb", "data.batch_size=8", "sampling.num_samples=0"]
 

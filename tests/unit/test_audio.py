@@ -1,5 +1,5 @@
-"""Sound: the ``unet1d`` backbone, the ``tones`` and ``audio_folder`` datasets, the
-``tones_spectrum`` metric and ``unfog.audio.write_wavs`` (all offline, CPU, seconds)."""
+"""Sound: the ``unet`` backbone on sequences (C, L) (the former ``unet1d``), the ``tones`` and
+``audio_folder`` datasets, the ``tones_spectrum`` metric and ``unfog.audio.write_wavs`` (all offline, CPU, seconds)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import unfog
-import unfog_backbones.unet1d  # noqa: F401  (registers unet1d)
+import unfog_backbones.unet  # noqa: F401  (registers unet)
 import unfog_datasets.audio_folder  # noqa: F401  (registers audio_folder)
 import unfog_datasets.tones  # noqa: F401  (registers tones)
 import unfog_metrics.tones_spectrum  # noqa: F401  (registers tones_spectrum)
@@ -37,17 +37,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-# ------------------------------------------------------------------------------------- unet1d
+# ------------------------------------------------------------------------------ unet on (C, L)
 
 TINY: dict[str, Any] = dict(
-    channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2, kernel_size=3, groups=4
+    channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2, kernel_size=3, groups=4,
+    use_scale_shift_norm=True,
 )
 SEQ = (2, 32)
 COND_DIM, CONTEXT_DIM, COND_CHANNELS = 6, 5, 3
 
 
 def unet1d(data_shape: tuple[int, ...] = SEQ, **kw: Any) -> nn.Module:
-    return unfog.create("backbone", "unet1d", data_shape=data_shape, **{**TINY, **kw})
+    return unfog.create("backbone", "unet", data_shape=data_shape, **{**TINY, **kw})
 
 
 def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -76,9 +77,11 @@ def inputs(routes: str = "", n: int = 3, shape: tuple[int, ...] = SEQ) -> tuple[
 ALL_ROUTES = dict(cond_dim=COND_DIM, context_dim=CONTEXT_DIM, cond_channels=COND_CHANNELS)
 
 
-def test_unet1d_is_registered_for_sequences() -> None:
-    entry = unfog.get("backbone", "unet1d")
-    assert entry.obj.data_ranks == (2,)
+def test_unet_is_registered_for_sequences_also_under_its_former_name() -> None:
+    entry = unfog.get("backbone", "unet")
+    assert 2 in entry.obj.data_ranks
+    assert unfog.get("backbone", "unet1d").obj is entry.obj  # old configs find it through `replaces`
+    assert "unet1d" not in unfog.available("backbone")
     assert entry.obj.routes == ("vector", "tokens", "concat")
     assert re.search(r"20\d\d", entry.summary)  # cites a paper's year
     assert isinstance(unet1d(), Backbone)
@@ -125,8 +128,8 @@ def test_unet1d_every_parameter_gets_a_gradient() -> None:
 def test_unet1d_cross_attention_follows_every_self_attention() -> None:
     names = [type(m).__name__ for m in unet1d(context_dim=CONTEXT_DIM).modules()]
     # level 1 attends after 1 block down and 2 up, plus the middle
-    assert names.count("AttentionBlock1d") == names.count("CrossAttentionBlock1d") == 4
-    assert "CrossAttentionBlock1d" not in [type(m).__name__ for m in unet1d().modules()]
+    assert names.count("AttentionBlock") == names.count("CrossAttentionBlock") == 4
+    assert "CrossAttentionBlock" not in [type(m).__name__ for m in unet1d().modules()]
 
 
 def test_unet1d_checks_the_conditioning_routes() -> None:
@@ -142,8 +145,7 @@ def test_unet1d_checks_the_conditioning_routes() -> None:
 @pytest.mark.parametrize(
     "kw, match",
     [
-        (dict(data_shape=(1, 8, 8)), "data_shape must be a sequence shape"),
-        (dict(data_shape=(1, 36), channel_mult=(1, 2, 2, 2)), r"L=36 must be divisible by 2\*\*\(len"),
+        (dict(data_shape=(8,)), r"data_shape must be \(C, L\) for sequences"),
         (dict(attention_levels=(2,)), r"levels are \[0, 1\]"),
         (dict(channels=6), r"divisible by groups=4.*not: \[6\]"),
         (dict(num_heads=3), "num_heads=3"),
@@ -158,6 +160,14 @@ def test_unet1d_checks_the_conditioning_routes() -> None:
 def test_unet1d_refuses_bad_configurations(kw: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         unet1d(**kw)
+
+
+@pytest.mark.parametrize("length", [36, 1000, 7])
+def test_unet1d_takes_any_length(length: int) -> None:
+    """Lengths that 2**(levels-1) does not divide are padded at the end and cropped back."""
+    model = perturb(unet1d(data_shape=(2, length), channel_mult=(1, 2, 2, 2))).eval()
+    x, t, cond = inputs(shape=(2, length))
+    assert model(x, t, cond).shape == x.shape
 
 
 # -------------------------------------------------------------------------------------- tones
@@ -432,10 +442,10 @@ def test_audio_folder_bad_files(sound_root: Path) -> None:
 
 @needs_soundfile
 def test_audio_folder_refuses_missing_or_empty_roots(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):  # the same class as image_folder's
         audio_folder(tmp_path / "nowhere")
     (tmp_path / "notes.txt").write_text("no sound here")
-    with pytest.raises(ConfigError, match=r"no sound files found under .*\.wav, \.flac"):
+    with pytest.raises(DataError, match=r"no sound files found under .*\.wav, \.flac"):
         audio_folder(tmp_path)
 
 

@@ -11,7 +11,7 @@ import torch
 
 import unfog
 from unfog.errors import ConfigError, DataError
-from unfog.evaluation import sha256_of
+from unfog.util import sha256_of
 from unfog_datasets.digits import digits_split
 from unfog_metrics.classifier import (
     RECORD_FILE,
@@ -145,14 +145,10 @@ def test_settings_are_checked():
 
 
 def test_the_hydra_config_composes_with_every_setting():
-    from hydra import compose, initialize_config_dir
+    from unfog.commands import load
+    from unfog.commands.hydra_app import compose
 
-    from unfog.cli import conf_dir
-    from unfog.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="train_classifier", overrides=["dataset=shapes", "dataset.max_objects=1"])
+    cfg = compose(load("train-classifier"), ["dataset=shapes", "dataset.max_objects=1"])
     assert cfg.dataset._name_ == "shapes" and cfg.dataset.max_objects == 1
     settings = TrainSettings.from_config(cfg)
     assert settings == TrainSettings()  # the YAML's defaults are the code's

@@ -54,5 +54,5 @@ def test_grid_values_span_the_range():
 
     backbone = unfog.create("backbone", "mlp", data_shape=(2,), cond_dim=16)
     model = DiffusionModel(backbone, {"s": scalar(low=-1.0, high=3.0, field="v")})
-    values = default_values(model, 5)
+    values = default_values(model.conditioners, 5)
     torch.testing.assert_close(values["v"], torch.tensor([-1.0, 0.0, 1.0, 2.0, 3.0]))

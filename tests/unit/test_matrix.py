@@ -20,7 +20,7 @@ from unfog.diffusion import (
     training_target,
 )
 from unfog.errors import ConfigError
-from unfog.run import check_schedule_and_prediction
+from unfog.building import check_schedule_and_prediction
 from unfog.timesteps import time_at_log_snr
 
 MU, STD = 1.5, 0.5

@@ -28,26 +28,26 @@ def test_readme_commands_compose_and_validate() -> None:
     config (sweeps: each first value)."""
     import shlex
 
-    from hydra import compose, initialize_config_dir
-
-    from unfog.cli import _metric_lists, conf_dir
-    from unfog.config import register_configs
-    from unfog.run import validate
+    from unfog.commands import load, split_metrics
+    from unfog.commands.hydra_app import compose
+    from unfog.building import validate
+    from unfog.schemas import check_config
 
     block = re.search(r"## Quickstart\n\n```bash\n(.*?)```", README.read_text(), re.S).group(1)
     block = block.replace("\\\n", " ")  # continued lines
     lines = [shlex.split(line.split("  #")[0]) for line in block.splitlines() if line.startswith("unfog ")]
-    configs = {"train": "train", "train-classifier": "train_classifier", "evaluate": "evaluate"}
-    chosen = [words for words in lines if words[1] in configs]
-    assert sum(words[1] == "train" for words in chosen) >= 5 and {w[1] for w in chosen} == set(configs)
-    register_configs()
+    names = ("train", "train-classifier", "evaluate")
+    chosen = [words for words in lines if words[1] in names]
+    assert sum(words[1] == "train" for words in chosen) >= 5 and {w[1] for w in chosen} == set(names)
     for words in chosen:
+        command = load(words[1])
         args = [a for a in words[2:] if a != "-m" and not a.startswith("ckpt_path=")]
-        if words[1] == "evaluate":
-            args = _metric_lists(args)
+        if command.metric_lists:
+            args = split_metrics(args)
         else:
             args = [a.split(",")[0] if "=" in a and "[" not in a else a for a in args]
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            cfg = compose(config_name=configs[words[1]], overrides=args)
+        cfg = compose(command, args)
+        if command.schema is not None:
+            check_config(cfg, command.schema)
         if words[1] == "train":
             validate(cfg)
