@@ -69,11 +69,13 @@ def _why_unreadable(path: Path, what: str, size: int, exc: Exception) -> str:
                 "checkpoints with torch.load(weights_only=True) and never runs code from them; use a checkpoint "
                 "written by `unfog train`.")
     if _is_zip(path):
-        return (f"{what}={path} is damaged or incomplete ({size} bytes; torch: {_first_line(text)}). A copy or "
+        return (f"{what}={path} is damaged or incomplete ({size} bytes; torch: {_gist(text)}). A copy or "
                 "write was cut short; use the run's previous checkpoint or copy the file again.")
-    return (f"{what}={path} is not a PyTorch checkpoint ({size} bytes that torch.load cannot read: "
-            f"{type(exc).__name__}{': ' + _first_line(text) if text else ''}). Pass a run's checkpoints/last.ckpt.")
+    return (f"{what}={path} is not a PyTorch checkpoint ({size} bytes that torch.load cannot read as one). "
+            "Pass a run's checkpoints/last.ckpt.")
 
 
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0][:160] if text.strip() else ""
+def _gist(text: str) -> str:
+    """The first sentence of torch's message (its advice that follows is about torch.load)."""
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return first.split(". ")[0].rstrip(".")[:160]

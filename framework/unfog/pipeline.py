@@ -239,7 +239,7 @@ def _cannot_rebuild(source: str | None, meta: Mapping[str, Any], exc: BaseExcept
               if name not in ("torch", "lightning") and version_of(name) != v]
     hint = (f" It was written by {', '.join(differ)}; install those versions to load it, or retrain."
             if differ else " Check that the plugins it was trained with are installed (`unfog plugins`).")
-    return f"{source or 'the checkpoint'} does not rebuild with the installed components: {exc}.{hint}"
+    return f"{source or 'the checkpoint'} does not rebuild with the installed components: {str(exc).rstrip('.')}.{hint}"
 
 
 class CheckpointFormat:

@@ -111,3 +111,19 @@ def test_a_plugin_format_loads_through_the_same_call_and_command(tmp_path: Path)
     expected = np.load(FIXTURES / "digits_unet_samples.npz")["samples"]
     np.testing.assert_allclose(out.samples.numpy(), expected * 0.5, rtol=0, atol=1e-7)
     assert list(np.load(out.npz)["labels"]) == [0, 1, 2, 3]
+
+
+def test_requests_a_model_cannot_take_are_refused_naming_what_it_takes() -> None:
+    from unfog.errors import ConfigError
+    from unfog.sampling import requested_values
+
+    classes = Pipeline.load(FIXTURES / "digits_unet.ckpt")
+    with pytest.raises(ConfigError, match="no conditioner of this model reads text .*'class_label'"):
+        requested_values(classes.conditioners, 3, {"prompt": "a cat"})
+    with pytest.raises(ConfigError, match=r"guidance names \['text'\], but this model's conditioners are \['class_label'\]"):
+        classes.check(SamplingSettings(guidance={"text": 2}))
+    sound = Pipeline.load(FIXTURES / "tones_unet1d.ckpt")  # unconditional
+    with pytest.raises(ConfigError, match="labels=... was given, but this model has no conditioner"):
+        requested_values(sound.conditioners, 3, {"labels": [1]})
+    with pytest.raises(ConfigError, match="guidance=2.0 needs a conditioner, but this model has none"):
+        sound.check(SamplingSettings(guidance=2.0))

@@ -96,3 +96,11 @@ def test_sampling_settings_check_themselves_wherever_they_come_from() -> None:
     assert SamplingSettings.of({"guidance": 2, "seed": 3, "every_n_steps": 5}).seed == 3
     with pytest.raises(ConfigError, match="guidance_rescale=3 is out of range"):
         SamplingSettings.of({"guidance_rescale": 3})
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler", "euler_ancestral", "heun", "dpm_solver_pp", "unipc"])
+def test_every_sampler_refuses_a_step_count_below_one(name: str) -> None:
+    import unfog
+
+    with pytest.raises(ConfigError, match=f"{name}: steps must be at least 1; got -3"):
+        unfog.create("sampler", name, steps=-3)

@@ -74,7 +74,8 @@ def _setup(command: Command) -> tuple[Path, list[str]]:
     _OUTPUT[0] = command.output or command.name
     OmegaConf.register_new_resolver("unfog_output", lambda: _OUTPUT[0], replace=True)
     config_dir = Path(command.config_dir or conf_dir())
-    extra = ["hydra/output=unfog", f"hydra.job.config.override_dirname.exclude_keys=[{','.join(PATH_KEYS)}]"]
+    extra = ["hydra/output=unfog", f"hydra.job.config.override_dirname.exclude_keys=[{','.join(PATH_KEYS)}]",
+             f"hydra.job.name={command.name.replace('-', '_')}"]  # names the log file and `--help`'s app
     if config_dir.resolve() != conf_dir().resolve():  # a plugin's command: unfog's presets too
         extra.append(f"hydra.searchpath=[file://{conf_dir()}]")
     return config_dir, extra
