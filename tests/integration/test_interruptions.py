@@ -205,8 +205,9 @@ def test_a_signal_to_the_real_command_stops_it_cleanly(tmp_path: Path, sig: int)
 @pytest.mark.slow
 def test_sigkill_at_random_moments_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path: Path) -> None:
     steps, every, rng = 40, 3, random.Random(5)
+    one_thread = {"OMP_NUM_THREADS": "1"}  # as _start: CPU kernels round differently with other thread counts
     whole = run("train", *TINY, f"trainer.max_steps={steps}", f"checkpoint.every_n_steps={every}",
-                f"hydra.run.dir={tmp_path / 'whole'}", cwd=tmp_path)
+                f"hydra.run.dir={tmp_path / 'whole'}", cwd=tmp_path, env=one_thread)
     assert whole.returncode == 0
     run_dir = tmp_path / "run"
     ckpt = run_dir / "checkpoints" / "last.ckpt"
@@ -218,7 +219,7 @@ def test_sigkill_at_random_moments_loses_at_most_the_steps_since_the_last_checkp
         proc.kill()
         proc.communicate()
     run("train", *TINY, f"trainer.max_steps={steps}", f"checkpoint.every_n_steps={every}", f"ckpt_path={ckpt}",
-        f"hydra.run.dir={run_dir}", cwd=tmp_path)
+        f"hydra.run.dir={run_dir}", cwd=tmp_path, env=one_thread)
     _assert_same_run(_state(tmp_path / "whole" / "checkpoints" / "last.ckpt"), _state(ckpt))
 
 
