@@ -126,6 +126,9 @@ def evaluate(cfg: Mapping[str, Any], out_dir: Path) -> EvaluateResult:
 
     import unfog
 
+    from unfog.schemas import EvaluateConfig, check_config
+
+    check_config(cfg, EvaluateConfig)
     if not cfg.get("metrics"):
         raise ConfigError("unfog evaluate needs at least one metric: add metric=fid,kid (see `unfog list metric`).")
     settings = SamplingSettings.of(cfg)

@@ -31,7 +31,7 @@ def test_readme_commands_compose_and_validate() -> None:
     from unfog.commands import load, split_metrics
     from unfog.commands.hydra_app import compose
     from unfog.building import validate
-    from unfog.schemas import check_config
+    from unfog.schemas import EvaluateConfig, TrainConfig, check_config
 
     block = re.search(r"## Quickstart\n\n```bash\n(.*?)```", README.read_text(), re.S).group(1)
     block = block.replace("\\\n", " ")  # continued lines
@@ -47,7 +47,8 @@ def test_readme_commands_compose_and_validate() -> None:
         else:
             args = [a.split(",")[0] if "=" in a and "[" not in a else a for a in args]
         cfg = compose(command, args)
-        if command.schema is not None:
-            check_config(cfg, command.schema)
+        schema = {"train": TrainConfig, "evaluate": EvaluateConfig}.get(words[1], command.schema)
+        if schema is not None:
+            check_config(cfg, schema)
         if words[1] == "train":
             validate(cfg)

@@ -7,7 +7,6 @@ from typing import Any
 
 from unfog.commands.base import Command
 from unfog.evaluation import evaluate, table
-from unfog.schemas import EvaluateConfig
 
 
 def _command(cfg: Any, out_dir: Path) -> None:
@@ -20,6 +19,6 @@ def _command(cfg: Any, out_dir: Path) -> None:
 
 COMMAND = Command(
     name="evaluate", summary="score samples from a checkpoint and record the protocol",
-    run=_command, config="evaluate", schema=EvaluateConfig, metric_lists=True,
+    run=_command, config="evaluate", metric_lists=True,  # evaluate() checks its config (for Python callers too)
     usage="unfog evaluate checkpoint=PATH metric=fid,kid num_samples=10000 sampler=ddim",
 )

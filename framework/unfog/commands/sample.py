@@ -84,6 +84,6 @@ def _command(cfg: Any, out_dir: Path) -> None:
 
 COMMAND = Command(
     name="sample", summary="draw samples from a checkpoint with any sampler",
-    run=_command, config="sample", schema=SampleConfig, metric_lists=True,
+    run=_command, config="sample", metric_lists=True,  # sample() checks its config (for Python callers too)
     usage="unfog sample checkpoint=PATH sampler=ddpm num_samples=64 guidance=2",
 )

@@ -353,6 +353,6 @@ def _command(cfg: Any, out_dir: Path) -> float | None:
 
 COMMAND = Command(
     name="train", summary="train a model (default: class-conditional digits on the CPU)",
-    run=_command, config="train", schema=TrainConfig,
+    run=_command, config="train",  # no schema here: TrainRecipe.check checks it, for Python callers too
     usage="unfog train dataset=image_folder dataset.root=DIR",
 )
