@@ -53,12 +53,15 @@ def wandb_mode(offline: Any = "auto") -> str:
 
 
 def build_logger(node: Any, run_dir: Path, config: dict[str, Any] | None = None, run_id: str | None = None,
-                 resume: bool = False, sweep: dict[str, str] | None = None, verbose: bool = False) -> Any:
+                 resume: bool = False, sweep: dict[str, str] | None = None, verbose: bool = False,
+                 resume_step: int = 0) -> Any:
     """A Lightning logger from a ``logger`` config node (``None`` means no logger).
 
     For wandb, ``run_id`` is the run's id (kept in checkpoints, so ``resume`` continues the
     same run instead of starting another), and a ``sweep``'s ``group`` and ``name`` group its
-    jobs unless the config sets them. wandb's banners show only when ``verbose``.
+    jobs unless the config sets them. wandb's banners show only when ``verbose``. A CSV log
+    resumed in the folder it was written in continues its ``metrics.csv`` from ``resume_step``
+    (Lightning's would delete the file).
     """
     if node is None:
         return False
@@ -81,9 +84,8 @@ def build_logger(node: Any, run_dir: Path, config: dict[str, Any] | None = None,
             init.pop("anonymous", None)
         return logger
     if name == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        logger = CSVLogger(save_dir=str(run_dir), name="csv", version="", **kwargs)
+        logger = _continuing_csv_logger(resume_step if resume else 0)(save_dir=str(run_dir), name="csv", version="",
+                                                                       **kwargs)
         logger.log_hyperparams(config or {})  # csv/hparams.yaml: the resolved config and versions
         return logger
     if name == "tensorboard":
@@ -107,3 +109,40 @@ def log_picture(logger: Any, key: str, picture: np.ndarray, step: int) -> None:
         logger.log_image(key=key, images=[picture], step=step)
     elif isinstance(logger, TensorBoardLogger):
         logger.experiment.add_image(key, picture, step, dataformats="HWC")
+
+
+def _continuing_csv_logger(resume_step: int) -> type:
+    """Lightning's CSVLogger, except that a ``metrics.csv`` already in its folder (a run resumed
+    where it was written: a requeued job) is continued: its rows before ``resume_step`` are kept,
+    those the resumed run will log again are dropped, and new rows are appended."""
+    import csv
+
+    from lightning.fabric.loggers.logger import rank_zero_experiment
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    class ContinuingWriter(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:
+            path = Path(self.metrics_file_path)
+            if not path.is_file():
+                return
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                keys, rows = list(reader.fieldnames or []), list(reader)
+            kept = [r for r in rows if r.get("step") not in (None, "") and int(float(r["step"])) < resume_step]
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(kept)
+            self.metrics_keys = keys
+
+    class ContinuingCSVLogger(CSVLogger):
+        @property
+        @rank_zero_experiment
+        def experiment(self) -> ExperimentWriter:
+            if self._experiment is None:
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = ContinuingWriter(log_dir=self.log_dir)
+            return self._experiment
+
+    return ContinuingCSVLogger

@@ -70,6 +70,16 @@ def _with_callback(monkeypatch: pytest.MonkeyPatch, callback: L.Callback | None)
     monkeypatch.setattr(TrainRecipe, "callbacks", callbacks)
 
 
+def _losses(run_dir: Path) -> dict[int, str]:
+    import csv
+
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    steps = [int(r["step"]) for r in rows]
+    assert len(steps) == len(set(steps)), "a step was logged twice"
+    return {int(r["step"]): r["train/loss"] for r in rows}
+
+
 def _state(path: Path) -> dict[str, Any]:
     return torch.load(path, weights_only=True)
 
@@ -107,6 +117,8 @@ def test_many_kills_at_arbitrary_steps_resume_to_the_uninterrupted_run(tmp_path:
     a, b = _state(whole.checkpoint), _state(done.checkpoint)
     assert int(b["state_dict"]["ema.updates"]) == steps  # one EMA update per optimizer step, however resumed
     _assert_same_run(a, b)
+    # the log resumed in the same folder is the uninterrupted run's log: every step once, same values
+    assert _losses(tmp_path / "run") == _losses(whole.run_dir) and len(_losses(whole.run_dir)) == steps
 
 
 def test_sigterm_and_ctrl_c_write_a_checkpoint_of_the_step_and_resume_exactly(tmp_path: Path,

@@ -206,7 +206,7 @@ class TrainRecipe:
         self.logger = build_logger(plain(resolved.get("logger")), self.run_dir,
                                    config={**resolved, "versions": self.meta["versions"]},
                                    run_id=self.meta["run_id"], resume=bool(resolved["ckpt_path"]), sweep=self.sweep,
-                                   verbose=bool(resolved.get("verbose")))
+                                   verbose=bool(resolved.get("verbose")), resume_step=self.resumed.get("step", 0))
 
     # -------------------------------------------------------------------------- callbacks
 
