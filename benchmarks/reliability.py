@@ -238,6 +238,8 @@ def render(rows: list[tuple[str, str, str, int, str, str]], work: Path) -> str:
         "- **A full disk**: the temporary file is removed, the previous `last.ckpt` is untouched, and the",
         "  message says so.",
         "- **Resuming a finished run** (a requeued job): nothing to do, exit 0.",
+        "- **The log of a run resumed in its own folder** (`hydra.run.dir` kept): `csv/metrics.csv` continues",
+        "  from the resumed step, every step logged once (Lightning's CSV logger deleted the earlier rows).",
     ]
     return "\n".join(lines) + "\n"
 
