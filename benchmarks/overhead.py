@@ -23,10 +23,10 @@ import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 
+from unfog.building import build_model
 from unfog.commands import conf_dir
 from unfog.config import build, register_configs
 from unfog.diffusion import expand, training_target
-from unfog.building import build_model
 from unfog.pipeline import DiffusionPipeline
 from unfog.schemas import SamplingSettings
 from unfog.training import DiffusionModule

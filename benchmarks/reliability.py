@@ -27,7 +27,7 @@ TINY = ["backbone=unet_tiny", "conditioner=class_label", "trainer=debug", "logge
         "sampling.num_samples=0", "sampler.steps=3"]
 
 S, C = "tests/unit/test_settings.py", "tests/unit/test_checkpoints.py"
-I, D = "tests/integration/test_interruptions.py", "tests/integration/test_defaults.py"
+INT, D = "tests/integration/test_interruptions.py", "tests/integration/test_defaults.py"
 
 
 def cases(work: Path, ckpt: Path) -> list[tuple[str, str, list[str], str]]:
@@ -48,7 +48,8 @@ def cases(work: Path, ckpt: Path) -> list[tuple[str, str, list[str], str]]:
         ("config", "a negative number of sampler steps", ["train", "sampler.steps=-3", "trainer.max_steps=1"],
          S),
         ("config", "a misspelt component", ["train", "sampler=ddimm"], "tests/integration/test_cli.py"),
-        ("config", "a misspelt field", ["train", "backbone=unet_tiny", "backbone.stepz=3"], "tests/unit/test_config.py"),
+        ("config", "a misspelt field", ["train", "backbone=unet_tiny", "backbone.stepz=3"],
+         "tests/unit/test_config.py"),
         ("config", "a key no command has", ["train", "+surprise=1"], S),
         ("config", "settings for a conditioner auto did not choose", ["train", "conditioners.class_label.dropout=0.2"],
          D),
@@ -66,7 +67,7 @@ def cases(work: Path, ckpt: Path) -> list[tuple[str, str, list[str], str]]:
         ("checkpoint", "an export whose weights were changed", ["sample", f"checkpoint={files / 'export'}"], C),
         ("checkpoint", "resuming from random bytes", ["train", *TINY, f"ckpt_path={files / 'random.ckpt'}"], C),
         ("checkpoint", "resuming a run that already reached max_steps (exited 1 before)",
-         ["train", *TINY, "trainer.max_steps=2", f"ckpt_path={ckpt}"], I),
+         ["train", *TINY, "trainer.max_steps=2", f"ckpt_path={ckpt}"], INT),
         ("data", "a folder that does not exist", ["train", "dataset=image_folder", "dataset.root=/no/such/folder"],
          "tests/unit/test_folder_datasets.py"),
         ("data", "a folder with an unreadable image",
@@ -200,10 +201,10 @@ def main() -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             status, message = signal_case(work, sig)
             rows.append(("interruption", f"{signal.Signals(sig).name} while training",
-                         f"unfog train ... then kill -{signal.Signals(sig).name[3:]}", status, message, I))
+                         f"unfog train ... then kill -{signal.Signals(sig).name[3:]}", status, message, INT))
         status, message = full_disk_case(work)
         rows.append(("interruption", "a full disk while a checkpoint is written", "(the checkpoint writer)",
-                     status, message, I))
+                     status, message, INT))
         args.out.write_text(render(rows, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -94,7 +94,8 @@ def compose_train(overrides: Sequence[str]) -> Any:
 
 
 def trained_checkpoint(name: str, overrides: Sequence[str], workdir: Path) -> tuple[Path, dict[str, Any]]:
-    """Train ``overrides`` with ``unfog.commands.train.train`` unless a finished run is cached; its checkpoint and record."""
+    """Train ``overrides`` with ``unfog.commands.train.train`` unless a finished run is cached; its checkpoint
+    and record."""
     from unfog.commands.train import train
 
     overrides = [*COMMON_OVERRIDES, *overrides]

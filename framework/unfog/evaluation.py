@@ -125,7 +125,6 @@ def evaluate(cfg: Mapping[str, Any], out_dir: Path) -> EvaluateResult:
     import platform
 
     import unfog
-
     from unfog.schemas import EvaluateConfig, check_config
 
     check_config(cfg, EvaluateConfig)

@@ -27,10 +27,13 @@ def is_text(conditioner: Any) -> bool:
 
 def num_classes_of(conditioner: Any) -> int | None:
     """The number of classes of a label conditioner (:class:`~unfog.protocols.ClassConditioner`), else None."""
-    return int(conditioner.num_classes) if isinstance(conditioner, ClassConditioner) and conditioner.num_classes else None
+    if isinstance(conditioner, ClassConditioner) and conditioner.num_classes:
+        return int(conditioner.num_classes)
+    return None
 
 
-def default_values(conditioners: Mapping[str, Any], n: int, examples: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def default_values(conditioners: Mapping[str, Any], n: int,
+                   examples: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Conditioning values for ``n`` samples when none are given: labels cycle 0, 1, ..., K−1;
     a conditioner with its own ``grid_values(n)`` (e.g. ``scalar``) gives its spread of values;
     any other (a caption, an image to upscale) takes its field from ``examples``, ``n`` rows of

@@ -298,7 +298,7 @@ TRAINER_RANGES: dict[str, dict[str, Any]] = {
     "overfit_batches": at_least(0),
     "reload_dataloaders_every_n_epochs": at_least(0),
 }
-_UNFOG_TRAINER = {"compile": Union[bool, str], "channels_last": bool}
+_UNFOG_TRAINER = {"compile": bool | str, "channels_last": bool}
 
 
 def check_trainer(node: Mapping[str, Any], key: str = "trainer") -> None:
@@ -351,7 +351,8 @@ def _describe(hint: Any) -> str:
     if origin in (Union, types.UnionType):
         literals = [v for a in args if typing.get_origin(a) is Literal for v in typing.get_args(a)]
         parts = ["one of " + ", ".join(map(repr, literals))] if literals else []
-        parts += [_describe(a) for a in args if a is not type(None) and _plain_hint(a) and typing.get_origin(a) is not Literal]
+        parts += [_describe(a) for a in args
+                  if a is not type(None) and _plain_hint(a) and typing.get_origin(a) is not Literal]
         parts += ["null"] if type(None) in args else []
         return " or ".join(dict.fromkeys(parts))
     if origin is Literal:

@@ -35,7 +35,8 @@ warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint th
 # A resumed run writes into its own run folder; Lightning notes that the old folder is not reused.
 warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
 # Lightning counts batches per epoch for this warning; unfog logs by global step across epochs.
-warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
+warnings.filterwarnings("ignore",
+                        message=r"The number of training batches \(\d+\) is smaller than the logging interval")
 # Lightning's own use of a deprecated torch API, reported at import.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 # DDP notes that the gradient of a 1×1 convolution came back in channels-last strides; harmless

@@ -249,7 +249,6 @@ def train_classifier(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     Raises:
         ConfigError: for bad settings and for datasets that are not labelled images.
     """
-    import unfog
     from unfog.config import NAME_KEY, build, plain
 
     start = time.perf_counter()

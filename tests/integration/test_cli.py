@@ -113,7 +113,8 @@ def test_help_lists_every_command_and_an_unknown_one_is_a_one_line_error(tmp_pat
     for name in ("train", "sample", "evaluate", "export", "config", "list", "plugins", "train-classifier"):
         assert f"  {name} " in help_text, name
     proc = run("trian", cwd=tmp_path, check=False)
-    assert proc.returncode == 2 and proc.stderr.startswith("unfog: error: unknown command 'trian'. Did you mean 'train'?")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("unfog: error: unknown command 'trian'. Did you mean 'train'?")
     assert len(proc.stderr.strip().splitlines()) == 1
 
 

@@ -11,13 +11,13 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import unfog
+from unfog.building import build_model, validate
 from unfog.commands import conf_dir
+from unfog.commands.sample import sample
+from unfog.commands.train import train
 from unfog.config import register_configs
 from unfog.errors import ConfigError, DataError
 from unfog.model import DiffusionModel
-from unfog.building import build_model, validate
-from unfog.commands.sample import sample
-from unfog.commands.train import train
 from unfog.pipeline import Pipeline
 
 SHAPES = ["dataset=shapes", "dataset.size=16", "dataset.length=64", "backbone=unet_tiny",

@@ -76,7 +76,8 @@ def test_subfolders_make_classes_and_captions_make_text_to_image(tmp_path: Path)
     recipe = _recipe(tmp_path, "dataset=image_folder", f"dataset.root={captioned}", "dataset.size=24",
                      "+conditioners.text.dim=32", "+conditioners.text.layers=1")
     assert list(recipe.cfg["conditioners"]) == ["text"]
-    assert {"_name_": "text", "dim": 32, "layers": 1, "field": "caption"}.items() <= recipe.cfg["conditioners"]["text"].items()
+    chosen = recipe.cfg["conditioners"]["text"]
+    assert {"_name_": "text", "dim": 32, "layers": 1, "field": "caption"}.items() <= chosen.items()
     assert recipe.net.backbone.context_dim == 32 and recipe.cfg["sampling"]["guidance"] == 2.0
     _forward(recipe)
 

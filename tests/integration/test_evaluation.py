@@ -12,10 +12,10 @@ from _cli import TINY, run
 from hydra import compose, initialize_config_dir
 
 from unfog.commands import conf_dir, split_metrics
+from unfog.commands.sample import sample
 from unfog.config import register_configs
 from unfog.errors import ConfigError
 from unfog.evaluation import evaluate
-from unfog.commands.sample import sample
 
 
 @pytest.fixture(scope="module")

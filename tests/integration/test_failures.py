@@ -13,9 +13,9 @@ from torch import nn
 import unfog
 from unfog import registry
 from unfog.commands import conf_dir
+from unfog.commands.train import train
 from unfog.config import register_configs
 from unfog.errors import NonFiniteLossError
-from unfog.commands.train import train
 from unfog.pipeline import Pipeline
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from unfog.building import validate
 from unfog.commands import conf_dir
 from unfog.config import register_configs
-from unfog.building import validate
 
 GROUPS = ["backbone", "trainer", "logger", "experiment"]
 

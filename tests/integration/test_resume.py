@@ -10,9 +10,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from unfog.commands import conf_dir
+from unfog.commands.train import train
 from unfog.config import register_configs
 from unfog.errors import ConfigError
-from unfog.commands.train import train
 
 COMMON = ["trainer=debug", "logger=csv", "sampling.num_samples=0", "optim.warmup_steps=3"]
 SETUPS = {

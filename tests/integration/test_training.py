@@ -10,9 +10,9 @@ from hydra import compose, initialize_config_dir
 
 import unfog
 from unfog.commands import conf_dir
+from unfog.commands.train import train
 from unfog.config import register_configs
 from unfog.errors import ConfigError
-from unfog.commands.train import train
 
 TINY = ["backbone=unet_tiny", "trainer=debug", "logger=csv", "data.batch_size=16", "sampling.num_samples=0"]
 

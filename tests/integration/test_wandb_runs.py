@@ -10,8 +10,8 @@ from _cli import run
 from hydra import compose, initialize_config_dir
 
 from unfog.commands import conf_dir
-from unfog.config import register_configs
 from unfog.commands.train import train
+from unfog.config import register_configs
 
 TINY = ["backbone=unet_tiny", "trainer=debug", "logger=wandb", "data.batch_size=8", "sampling.num_samples=0"]
 

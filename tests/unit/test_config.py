@@ -9,10 +9,10 @@ from omegaconf import OmegaConf
 
 import unfog
 from unfog import registry
+from unfog.building import validate
 from unfog.commands import conf_dir
 from unfog.config import build, params_of, register_configs
 from unfog.errors import ConfigError
-from unfog.building import validate
 
 
 def _compose(*overrides: str, name: str = "train"):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import unfog
+from unfog.building import check_schedule_and_prediction
 from unfog.diffusion import (
     PREDICTIONS,
     Denoiser,
@@ -20,7 +21,6 @@ from unfog.diffusion import (
     training_target,
 )
 from unfog.errors import ConfigError
-from unfog.building import check_schedule_and_prediction
 from unfog.timesteps import time_at_log_snr
 
 MU, STD = 1.5, 0.5

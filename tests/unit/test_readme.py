@@ -28,9 +28,9 @@ def test_readme_commands_compose_and_validate() -> None:
     config (sweeps: each first value)."""
     import shlex
 
+    from unfog.building import validate
     from unfog.commands import load, split_metrics
     from unfog.commands.hydra_app import compose
-    from unfog.building import validate
     from unfog.schemas import EvaluateConfig, TrainConfig, check_config
 
     block = re.search(r"## Quickstart\n\n```bash\n(.*?)```", README.read_text(), re.S).group(1)

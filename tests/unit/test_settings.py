@@ -38,7 +38,7 @@ BAD = [
     ("train", "sampling.guidance=nan", "sampling.guidance=nan is not a guidance scale"),
     ("train", "sampling.guidance={class_label: -1}", "sampling.guidance.class_label=-1 is not a guidance scale"),
     ("train", "sampling.guidance_rescale=7", "sampling.guidance_rescale=7.0 is out of range: it must be in [0.0, 1.0]"),
-    ("train", "sampling.guidance_interval=[5,1]", "sampling.guidance_interval=[5.0, 1.0] is not a noise-level interval"),
+    ("train", "sampling.guidance_interval=[5,1]", "sampling.guidance_interval=[5.0, 1.0] is not a noise-level"),
     ("train", "sampling.batch_size=0", "sampling.batch_size=0 is out of range"),
     ("train", "sampling.num_samples=-4", "sampling.num_samples=-4 is out of range"),
     ("train", "sampling.every_n_steps=-1", "sampling.every_n_steps=-1 is out of range"),

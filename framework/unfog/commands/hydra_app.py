@@ -16,8 +16,8 @@ from unfog.errors import ConfigError
 from unfog.schemas import check_config
 
 _SCRIPT = ["unfog"]  # the path this process was started as, kept for relaunching DDP workers
-_OUTPUT = ["run"]
-PATH_KEYS = ("checkpoint", "ckpt_path", "output_dir")  # left out of sweep folder names: paths would nest folders  # the running command's folder under outputs/ (read by the unfog_output resolver)
+_OUTPUT = ["run"]  # the running command's folder under outputs/ (read by the unfog_output resolver)
+PATH_KEYS = ("checkpoint", "ckpt_path", "output_dir")  # left out of sweep folder names: paths would nest folders
 
 
 def run_hydra(command: Command, args: list[str]) -> int:
