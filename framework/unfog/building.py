@@ -175,8 +175,9 @@ def _plain_default(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def check_data(cfg: Mapping[str, Any], dataset: Any, chosen: Mapping[str, registry.Entry] | None = None) -> None:
-    """Refuse a backbone or conditioner that does not fit the data, before building the model."""
+def check_data(cfg: Mapping[str, Any], dataset: Any) -> None:
+    """Refuse a backbone or conditioner that does not fit the data, before building the model
+    (routes between them are :func:`validate`'s)."""
     backbone = registry.get("backbone", dict(plain(cfg["backbone"]))[NAME_KEY])
     dataset_name = dict(plain(cfg["dataset"])).get(NAME_KEY, "?")
     rank = len(dataset.data_shape)
@@ -193,13 +194,8 @@ def check_data(cfg: Mapping[str, Any], dataset: Any, chosen: Mapping[str, regist
             f"{dataset_name!r} gives shape {tuple(dataset.data_shape)} (rank {rank}); "
             f"choose another backbone (`unfog list backbone`) or backbone=auto."
         )
-    routes = list(backbone.obj.routes) if hasattr(backbone.obj, "routes") else []
     for key, node in conditioner_nodes(cfg).items():
         entry = registry.get("conditioner", dict(plain(node))[NAME_KEY])
-        route = route_of(entry, node)
-        if route not in routes:
-            raise ConfigError(f"conditioner {key!r} ({entry.name}) routes to {route!r}, but backbone "
-                              f"{backbone.name!r} consumes only {routes}.")
         default = inspect.signature(entry.obj).parameters.get("field")
         field = dict(plain(node)).get("field", default.default if default else None)
         if field not in dataset.fields:
@@ -241,19 +237,14 @@ def auto_guidance(model: DiffusionModel) -> float:
     return 2.0 if any(c.dropout > 0 for c in model.conditioners.values()) else 1.0
 
 
-# Where a train config keeps component nodes, for upgrading a stored config.
-_NODE_PLACES: tuple[tuple[str, str], ...] = (("dataset", "dataset"), ("backbone", "backbone"),
-                                            ("schedule", "schedule"), ("sampler", "sampler"))
-
-
 def upgrade(cfg: Mapping[str, Any], wiring: Mapping[str, Any]) -> dict[str, Any]:
     """A stored (checkpoint) config brought up to date with the installed components: a node
     naming a component by a former name (``register(..., replaces=...)``) or in an older form
     is rewritten by that component's ``upgrade_config`` (:class:`Upgradable`)."""
     cfg = dict(plain(cfg))
-    for kind, place in _NODE_PLACES:
-        if cfg.get(place) is not None:
-            cfg[place] = _upgrade_node(kind, cfg[place], wiring)
+    for kind in COMPONENT_KINDS:
+        if cfg.get(kind) is not None:
+            cfg[kind] = _upgrade_node(kind, cfg[kind], wiring)
     cfg["conditioners"] = {key: _upgrade_node("conditioner", node, wiring)
                            for key, node in conditioner_nodes(cfg).items()}
     cfg.pop("conditioner", None)

@@ -3,6 +3,7 @@ are written whole or not at all, a clean stop on Ctrl-C or SIGTERM, one progress
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import signal
@@ -82,8 +83,7 @@ class SampleGrid(L.Callback):
         conditioners = pipeline.conditioners
         values = default_values(conditioners, n, examples) if len(conditioners) else None
         indices = shard(n, trainer.global_rank, trainer.world_size)
-        settings = SamplingSettings(**{**vars(self.settings), "seed": seed,
-                                       "batch_size": batch_size or self.settings.batch_size})
+        settings = dataclasses.replace(self.settings, seed=seed, batch_size=batch_size or self.settings.batch_size)
         part = pipeline.generate(self.sampler, indices, select(values, indices), settings, device=pl_module.device)
         return gather(part, indices, n), values
 
@@ -98,7 +98,7 @@ class SampleGrid(L.Callback):
         samples, _ = self.samples(trainer, pl_module, self.num_samples, self.settings.seed, self.examples)
         if not trainer.is_global_zero:
             return None
-        pipeline = DiffusionPipeline.from_module(pl_module)
+        pipeline = DiffusionPipeline.from_module(pl_module)  # what the samples are: shape, range, classes
         self.out_dir.mkdir(parents=True, exist_ok=True)
         np.savez(self.out_dir / f"step_{step:07d}.npz", samples=samples.numpy())
         if pipeline.sample_rate and is_audio(pipeline.data_shape):  # sound: one WAV per sample

@@ -25,7 +25,7 @@ from torch import Tensor
 from unfog import registry
 from unfog.building import build_model, upgrade
 from unfog.checkpoints import KEY, read_checkpoint
-from unfog.config import build, plain
+from unfog.config import build
 from unfog.diffusion import sigma_data_of
 from unfog.errors import CheckpointError, ConfigError, UnfogError
 from unfog.model import DiffusionModel
@@ -298,7 +298,3 @@ class ExportFormat:
         return DiffusionPipeline.from_meta(meta, state, source=str(path), weights="ema" if meta.get("ema", True)
                                            else "raw")
 
-
-def checkpoint_meta(path: str | Path) -> dict[str, Any]:
-    """The ``unfog`` section (config, wiring, versions) of a training checkpoint, weights left unread."""
-    return plain(read_checkpoint(path, mmap=True)[KEY])

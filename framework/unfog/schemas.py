@@ -11,7 +11,6 @@ shared by ``unfog train`` (its ``sampling`` grid), ``unfog sample`` and ``unfog 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import inspect
 import math
 import types
@@ -20,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from unfog.errors import ConfigError
 
@@ -41,10 +40,8 @@ def above(low: float, hint: str = "") -> dict[str, Any]:
     return {"rule": lambda v: v > low, "says": f"greater than {low}", "hint": hint}
 
 
-def within(low: float, high: float, hint: str = "", *, open_high: bool = False) -> dict[str, Any]:
-    """Field metadata: ``low`` ≤ value ≤ ``high`` (< ``high`` with ``open_high``)."""
-    if open_high:
-        return {"rule": lambda v: low <= v < high, "says": f"in [{low}, {high})", "hint": hint}
+def within(low: float, high: float, hint: str = "") -> dict[str, Any]:
+    """Field metadata: ``low`` ≤ value ≤ ``high``."""
     return {"rule": lambda v: low <= v <= high, "says": f"in [{low}, {high}]", "hint": hint}
 
 
@@ -341,9 +338,7 @@ def _fits(value: Any, hint: Any) -> bool:
         return isinstance(value, (list, tuple)) and all(_fits(v, args[0]) for v in value) if args else True
     if origin in (dict, Mapping) or hint is dict:
         return isinstance(value, Mapping)
-    if hint is datetime.timedelta:
-        return False  # a config gives it as a string or a dict, which the Union also allows
-    return False  # an object type (an Accelerator, say) no config value stands for
+    return False  # an object type (an Accelerator, a timedelta) no config value stands for
 
 
 def _describe(hint: Any) -> str:
@@ -394,8 +389,6 @@ def _check_range(value: Any, key: str, meta: Mapping[str, Any]) -> None:
 def check_node(node: Mapping[str, Any], schema: type, prefix: str = "") -> None:
     """Check the values of ``node`` against the ranges declared on ``schema``'s fields,
     descending into nested schemas; the first bad value raises a one-line ConfigError."""
-    if isinstance(node, (DictConfig, ListConfig)):
-        node = OmegaConf.to_container(node, resolve=True)
     known = {f.name for f in dataclasses.fields(schema)}
     unknown = sorted(set(node) - known)
     if unknown:

@@ -130,7 +130,8 @@ def test_missing_or_wrong_typed_fields_name_the_field_and_conditioner() -> None:
         from unfog.building import check_data
 
         cfg = _cfg("conditioner=text", *TINY_TEXT)
-        check_data(cfg, unfog.create("dataset", "digits"), validate(cfg))
+        validate(cfg)
+        check_data(cfg, unfog.create("dataset", "digits"))
 
 
 @pytest.mark.slow

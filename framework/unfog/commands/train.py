@@ -20,7 +20,7 @@ from unfog.commands.base import Command
 from unfog.config import NAME_KEY, build, plain
 from unfog.errors import ConfigError, Interrupted
 from unfog.protocols import Sound
-from unfog.schemas import SamplingSettings, TrainConfig
+from unfog.schemas import SamplingSettings, TrainConfig, check_config
 from unfog.util import versions
 
 log = logging.getLogger("unfog")
@@ -85,8 +85,6 @@ class TrainRecipe:
     def check(self) -> TrainResult | None:
         """Validate everything that needs no data; read the checkpoint to resume from. A run that
         already reached ``trainer.max_steps`` returns its result here (nothing to do)."""
-        from unfog.schemas import check_config
-
         check_config(self.cfg, TrainConfig)
         self.entries = validate(self.cfg)
         ckpt_path = self.cfg["ckpt_path"]
@@ -120,7 +118,7 @@ class TrainRecipe:
         L.seed_everything(self.cfg["seed"], workers=True, verbose=False)
         self.dataset = build("dataset", self.cfg["dataset"])
         self.choices = resolve(self.cfg, self.dataset)
-        validate(self.cfg)
+        self.entries = validate(self.cfg)  # what auto chose: its routes, and its distributions for the versions
         check_data(self.cfg, self.dataset)
 
     # ------------------------------------------------------------------------------ model
