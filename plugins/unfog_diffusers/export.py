@@ -142,8 +142,7 @@ def _trained_sampler(pipeline: DiffusionPipeline) -> Any:
 
 def counterpart_samplers() -> list[str]:
     """The registered samplers that name a diffusers counterpart (``diffusers_scheduler``)."""
-    return [name for name in available("sampler") if callable(getattr(get("sampler", name).obj,
-                                                                       "diffusers_scheduler", None))]
+    return [name for name in available("sampler") if isinstance(get("sampler", name).obj, DiffusersCounterpart)]
 
 
 def sampler_name(sampler: Any) -> str:
