@@ -150,7 +150,8 @@ def signal_case(work: Path, sig: int) -> tuple[int, str]:
     run_dir = work / f"signal-{sig}"
     proc = subprocess.Popen([*_unfog(), "train", *TINY, "trainer.max_steps=100000", "checkpoint.every_n_steps=5",
                              f"hydra.run.dir={run_dir}"], cwd=work, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,  # SIGINT delivered, as in a terminal:
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 300
     while not ckpt.exists() and time.monotonic() < deadline:

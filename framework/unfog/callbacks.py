@@ -205,7 +205,8 @@ class GracefulStop(L.Callback):
     the end of the current step, where model, EMA, optimizer and data order agree: the
     checkpoint is written there, training ends, and :attr:`signal_number` says why. A second
     signal of the same kind while that happens interrupts at once (the previous checkpoint
-    stays intact). Under DDP every process stops at the same step."""
+    stays intact). Under DDP every process stops at the same step. A signal the process was
+    started with ignored (SIGINT in a background job) stays ignored."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -223,7 +224,8 @@ class GracefulStop(L.Callback):
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be installed from the main thread
         for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._notice)
+            if signal.getsignal(sig) != signal.SIG_IGN:  # an ignored signal stays ignored, as Python leaves it
+                self._previous[sig] = signal.signal(sig, self._notice)
 
     def _notice(self, sig: int, frame: Any) -> None:
         if self.signal_number is not None:  # asked twice: stop now

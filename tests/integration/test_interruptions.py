@@ -121,8 +121,17 @@ def test_many_kills_at_arbitrary_steps_resume_to_the_uninterrupted_run(tmp_path:
     assert _losses(tmp_path / "run") == _losses(whole.run_dir) and len(_losses(whole.run_dir)) == steps
 
 
-def test_sigterm_and_ctrl_c_write_a_checkpoint_of_the_step_and_resume_exactly(tmp_path: Path,
-                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def terminal_sigint() -> Any:
+    """SIGINT handled as in a terminal, whatever this process was started with (a background job
+    starts with SIGINT ignored, and then a Ctrl-C is rightly ignored too)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_sigterm_and_ctrl_c_write_a_checkpoint_of_the_step_and_resume_exactly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, terminal_sigint: None) -> None:
     class Signal(L.Callback):
         def __init__(self, step: int, sig: int) -> None:
             self.step, self.sig = step, sig
@@ -131,6 +140,7 @@ def test_sigterm_and_ctrl_c_write_a_checkpoint_of_the_step_and_resume_exactly(tm
             if trainer.global_step + 1 == self.step:  # mid-step: the step still completes
                 os.kill(os.getpid(), self.sig)
 
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     whole = train(_cfg("trainer.max_steps=12", "checkpoint.every_n_steps=100"), tmp_path / "whole")
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     for step, sig in ((5, signal.SIGTERM), (9, signal.SIGINT)):
@@ -139,10 +149,25 @@ def test_sigterm_and_ctrl_c_write_a_checkpoint_of_the_step_and_resume_exactly(tm
         with pytest.raises(Interrupted, match=f"stopped by {signal.Signals(sig).name} at step {step}") as err:
             train(_cfg("trainer.max_steps=12", "checkpoint.every_n_steps=100", *resume), tmp_path / "run")
         assert err.value.signal_number == sig and _state(last)["global_step"] == step
-        assert signal.getsignal(sig) is not None and signal.getsignal(signal.SIGINT) == signal.default_int_handler
+        assert {s: signal.getsignal(s) for s in before} == before  # the handlers are given back
     _with_callback(monkeypatch, None)
     done = train(_cfg("trainer.max_steps=12", "checkpoint.every_n_steps=100", f"ckpt_path={last}"), tmp_path / "run")
     _assert_same_run(_state(whole.checkpoint), _state(done.checkpoint))
+
+
+def test_a_signal_the_process_ignores_stays_ignored() -> None:
+    from unfog.callbacks import GracefulStop
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job's SIGINT
+    try:
+        stop = GracefulStop(Path("last.ckpt"))
+        stop.on_train_start(None, None)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == stop._notice
+        stop.on_train_end(None, None)
+        assert signal.getsignal(signal.SIGTERM) != stop._notice
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_says_so(tmp_path: Path,
@@ -181,7 +206,13 @@ def _start(tmp: Path, *overrides: str) -> subprocess.Popen[str]:
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([*unfog_cmd(), "train", *TINY, *overrides, f"hydra.run.dir={tmp}"], cwd=tmp.parent,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, preexec_fn=_as_in_a_terminal)
+
+
+def _as_in_a_terminal() -> None:
+    """In the child: SIGINT delivered, as to a command started in a terminal (a background job's
+    children inherit it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for_step(proc: subprocess.Popen[str], ckpt: Path, step: int, timeout: float = 120) -> None:
