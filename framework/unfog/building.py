@@ -20,7 +20,7 @@ from unfog.errors import ConfigError
 from unfog.model import DiffusionModel
 from unfog.protocols import Resolver, Upgradable
 
-COMPONENT_KINDS = ("dataset", "backbone", "schedule", "sampler")
+COMPONENT_KINDS = ("dataset", "backbone", "schedule", "sampler", "autoencoder")
 
 
 def conditioner_nodes(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -187,6 +187,11 @@ def check_data(cfg: Mapping[str, Any], dataset: Any) -> None:
             f"loss.offset_noise={offset} shifts each channel of an image, but dataset "
             f"{dataset_name!r} gives samples of shape {tuple(dataset.data_shape)} with no positions; "
             "set loss.offset_noise=0."
+        )
+    if (cfg.get("data") or {}).get("hflip") and rank != 3:
+        raise ConfigError(
+            f"data.hflip=true mirrors images left-right, but dataset {dataset_name!r} gives samples of shape "
+            f"{tuple(dataset.data_shape)}, not C×H×W images; set data.hflip=false."
         )
     if rank not in backbone.obj.data_ranks:
         raise ConfigError(

@@ -18,6 +18,13 @@ def mix(*values: int) -> int:
     return int(np.random.SeedSequence([v % 2**64 for v in values]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
+def random_hflip(x: torch.Tensor) -> torch.Tensor:
+    """Each item of a batch (B, C, H, W) mirrored left-right with probability 1/2, by the global
+    RNG (which training reseeds per batch, so a resumed run flips the same items)."""
+    mirror = (torch.rand(x.shape[0]) < 0.5).to(x.device).view(-1, *([1] * (x.ndim - 1)))
+    return torch.where(mirror, x.flip(-1), x)
+
+
 def step_seed(seed: int, batch: int, rank: int) -> int:
     """The seed of training batch ``batch`` on process ``rank`` of a run seeded with ``seed``."""
     return mix(seed, batch, rank, 0)

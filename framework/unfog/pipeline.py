@@ -28,6 +28,7 @@ from unfog.checkpoints import KEY, read_checkpoint
 from unfog.config import build
 from unfog.diffusion import sigma_data_of
 from unfog.errors import CheckpointError, ConfigError, UnfogError
+from unfog.latents import LatentSpace
 from unfog.model import DiffusionModel
 from unfog.protocols import Sampler
 from unfog.sampling import classes_of, draw
@@ -36,6 +37,7 @@ from unfog.util import sha256_of, version_of
 
 EXPORT_META = "unfog.json"
 EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_AUTOENCODER = "autoencoder.safetensors"
 
 
 @runtime_checkable
@@ -115,13 +117,16 @@ class Pipeline(ABC):
 
 class DiffusionPipeline(Pipeline):
     """One diffusion model: the network (EMA or raw weights) with its conditioners, the noise
-    schedule it was trained on, its prediction target and σ_data."""
+    schedule it was trained on, its prediction target and σ_data — and, for a latent model, its
+    :class:`LatentSpace`: samples are drawn in latent space and decoded to ``data_shape``."""
 
     def __init__(self, model: DiffusionModel, schedule: Any, prediction: str, *, data_shape: Sequence[int],
                  data_range: Sequence[float] | None = None, sample_rate: int | None = None,
                  sigma_data: float | None = None, config: Mapping[str, Any] | None = None,
-                 versions: Mapping[str, str] | None = None, source: str | None = None, weights: str = "ema") -> None:
+                 versions: Mapping[str, str] | None = None, source: str | None = None, weights: str = "ema",
+                 latent: LatentSpace | None = None) -> None:
         self.model = model
+        self.latent = latent
         self.schedule = schedule
         self.prediction = prediction
         self.data_shape = tuple(int(s) for s in data_shape)
@@ -144,7 +149,14 @@ class DiffusionPipeline(Pipeline):
 
     def to(self, device: Any) -> DiffusionPipeline:
         self.model.to(device)
+        if self.latent is not None:
+            self.latent.to(device)
         return self
+
+    @property
+    def model_shape(self) -> tuple[int, ...]:
+        """The shape the diffusion model draws: the latent shape of a latent model, else ``data_shape``."""
+        return tuple(self.latent.latent_shape) if self.latent is not None else self.data_shape
 
     def check(self, settings: SamplingSettings) -> None:
         if not len(self.model.conditioners) and settings.guidance != 1.0:
@@ -159,43 +171,68 @@ class DiffusionPipeline(Pipeline):
         self.check(settings)
         indices = range(n) if isinstance(n, int) else list(n)
         clip = self.data_range if settings.clip and self.data_range else None
-        return draw(self.model, self.schedule, sampler, self.prediction, self.data_shape, indices,
+        device = device if device is not None else self.device
+        decode = None
+        if self.latent is not None:  # latents are unbounded: clip the decoded pixels, not x̂₀
+            latent = self.latent.to(device)
+            values = latent.values_to_latent(values)
+            pixel_clip, clip = clip, None
+
+            def decode(z: Tensor) -> Tensor:
+                x = latent.decode(z)
+                return x.clamp(*pixel_clip) if pixel_clip else x
+
+        return draw(self.model, self.schedule, sampler, self.prediction, self.model_shape, indices,
                     seed=settings.seed, values=values, guidance=settings.guidance, clip=clip,
-                    batch_size=settings.batch_size, device=device if device is not None else self.device,
-                    sigma_data=self.sigma_data, progress=progress, guidance_rescale=settings.guidance_rescale,
-                    guidance_interval=settings.guidance_interval)
+                    batch_size=settings.batch_size, device=device, sigma_data=self.sigma_data, progress=progress,
+                    guidance_rescale=settings.guidance_rescale, guidance_interval=settings.guidance_interval,
+                    decode=decode)
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"source": self.source, "weights": self.weights}
         if self.source and Path(self.source).exists():
             out["sha256"] = sha256_of(self.source)
-        return out | {"schedule": self.config.get("schedule"), "prediction": self.prediction,
-                      "sigma_data": self.sigma_data, "data_shape": list(self.data_shape)}
+        out |= {"schedule": self.config.get("schedule"), "prediction": self.prediction,
+                "sigma_data": self.sigma_data, "data_shape": list(self.data_shape)}
+        if self.latent is not None:
+            out["autoencoder"] = {"name": self.latent.name, "sha256": self.latent.sha256,
+                                  "latent_shape": list(self.latent.latent_shape), "source": self.latent.source}
+        return out
 
     @property
     def wiring(self) -> dict[str, Any]:
         """What the model was wired to: the data's shape, classes, range and sample rate."""
-        return {"data_shape": list(self.data_shape), "num_classes": self.num_classes,
-                "data_range": list(self.data_range) if self.data_range else None, "sample_rate": self.sample_rate}
+        out = {"data_shape": list(self.data_shape), "num_classes": self.num_classes,
+               "data_range": list(self.data_range) if self.data_range else None, "sample_rate": self.sample_rate}
+        if self.latent is not None:
+            out["latent_shape"] = list(self.latent.latent_shape)
+        return out
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any], state: Mapping[str, Tensor] | None, *, source: str | None = None,
-                  weights: str = "ema") -> DiffusionPipeline:
-        """Rebuild from what a checkpoint or export stores: ``meta`` (config, wiring, versions)
-        and the model's state dict (None: leave the weights as built)."""
+                  weights: str = "ema", latent_state: Mapping[str, Tensor] | None = None) -> DiffusionPipeline:
+        """Rebuild from what a checkpoint or export stores: ``meta`` (config, wiring, versions,
+        and a latent model's ``autoencoder`` record), the model's state dict (None: leave the
+        weights as built) and the latent space's (its autoencoder's weights and normalisation)."""
         wiring = dict(meta["wiring"])
+        record = meta.get("autoencoder")
+        if record is not None and state is not None and not latent_state:
+            raise CheckpointError(f"{source or 'the checkpoint'} is a latent model but holds no autoencoder weights "
+                                  "(no keys starting 'latent.'); it is incomplete.")
         try:
             cfg = upgrade(meta["config"], wiring)
-            model = build_model(cfg, tuple(wiring["data_shape"]), wiring.get("num_classes"))
+            model = build_model(cfg, tuple(wiring.get("latent_shape") or wiring["data_shape"]),
+                                wiring.get("num_classes"))
             if state is not None:
                 model.load_state_dict(dict(state))
             schedule = build("schedule", cfg["schedule"])
+            latent = LatentSpace.from_record(record, latent_state) if record is not None else None
         except (UnfogError, RuntimeError, KeyError, TypeError) as exc:
             raise CheckpointError(_cannot_rebuild(source, meta, exc)) from exc
         return cls(model.eval(), schedule, cfg["prediction"], data_shape=wiring["data_shape"],
                    data_range=wiring.get("data_range"), sample_rate=wiring.get("sample_rate"),
                    sigma_data=cfg.get("sigma_data"), config=cfg, versions=meta.get("versions", {}),
-                   source=source, weights=weights)
+                   source=source, weights=weights, latent=latent.eval() if latent is not None else None)
 
     @classmethod
     def from_module(cls, module: Any) -> DiffusionPipeline:
@@ -205,7 +242,8 @@ class DiffusionPipeline(Pipeline):
         wiring = meta.get("wiring", {})
         return cls(module.ema.module, module.schedule, module.prediction, data_shape=wiring["data_shape"],
                    data_range=wiring.get("data_range"), sample_rate=wiring.get("sample_rate"),
-                   sigma_data=module.sigma_data, config=meta.get("config", {}), versions=meta.get("versions", {}))
+                   sigma_data=module.sigma_data, config=meta.get("config", {}), versions=meta.get("versions", {}),
+                   latent=getattr(module, "latent", None))
 
     def save(self, folder: str | Path) -> Path:
         """Write ``model.safetensors`` and ``unfog.json`` into ``folder`` (unfog's export format,
@@ -217,6 +255,9 @@ class DiffusionPipeline(Pipeline):
         # clone: tied weights share storage, which safetensors refuses; each key gets its own copy
         state = {k: v.detach().cpu().clone().contiguous() for k, v in self.model.state_dict().items()}
         save_file(state, str(out / EXPORT_WEIGHTS), metadata={"format": "pt", "producer": "unfog"})
+        if self.latent is not None:
+            first = {k: v.detach().cpu().clone().contiguous() for k, v in self.latent.state_dict().items()}
+            save_file(first, str(out / EXPORT_AUTOENCODER), metadata={"format": "pt", "producer": "unfog"})
         record = {
             "format": "unfog-safetensors",
             "config": self.config,
@@ -228,6 +269,10 @@ class DiffusionPipeline(Pipeline):
             "ema": self.weights == "ema",
             "sha256": sha256_of(out / EXPORT_WEIGHTS),
         }
+        if self.latent is not None:
+            record["autoencoder"] = self.latent.describe()
+            record["autoencoder_weights"] = EXPORT_AUTOENCODER
+            record["autoencoder_sha256"] = sha256_of(out / EXPORT_AUTOENCODER)
         (out / EXPORT_META).write_text(json.dumps(record, indent=2))
         return out
 
@@ -257,7 +302,9 @@ class CheckpointFormat:
         if not state:
             raise CheckpointError(f"checkpoint={path} holds no {'EMA' if use_ema else 'raw'} weights "
                                   f"(no keys starting {prefix!r}); it is incomplete.")
-        return DiffusionPipeline.from_meta(ckpt[KEY], state, source=str(path), weights="ema" if use_ema else "raw")
+        first = {k[len("latent."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("latent.")}
+        return DiffusionPipeline.from_meta(ckpt[KEY], state, source=str(path), weights="ema" if use_ema else "raw",
+                                           latent_state=first)
 
 
 class ExportFormat:
@@ -269,8 +316,6 @@ class ExportFormat:
 
     @classmethod
     def from_path(cls, path: Path, *, use_ema: bool = True) -> DiffusionPipeline:
-        from safetensors.torch import load_file
-
         if not (path / EXPORT_META).is_file():
             pipeline = (path / "model_index.json").is_file()
             hint = (" It is a diffusers pipeline folder: load it with diffusers, or train from its unet/ with "
@@ -291,10 +336,23 @@ class ExportFormat:
                 f"{weights} does not match the sha256 recorded in {path / EXPORT_META}; the file was changed or is "
                 "incomplete. Export it again."
             )
-        try:
-            state = load_file(str(weights))
-        except Exception as exc:  # safetensors reports a damaged header with several error types
-            raise CheckpointError(f"{weights} is not a readable safetensors file ({exc}); export it again.") from None
+        state = _read_safetensors(weights)
+        first = None
+        if meta.get("autoencoder_weights"):
+            file = path / meta["autoencoder_weights"]
+            if not file.is_file() or sha256_of(file) != meta.get("autoencoder_sha256"):
+                raise CheckpointError(f"{file} is missing or does not match the sha256 recorded in "
+                                      f"{path / EXPORT_META}; the export is incomplete. Export it again.")
+            first = _read_safetensors(file)
         return DiffusionPipeline.from_meta(meta, state, source=str(path), weights="ema" if meta.get("ema", True)
-                                           else "raw")
+                                           else "raw", latent_state=first)
+
+
+def _read_safetensors(file: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # safetensors reports a damaged header with several error types
+        raise CheckpointError(f"{file} is not a readable safetensors file ({exc}); export it again.") from None
 

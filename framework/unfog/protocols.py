@@ -136,6 +136,47 @@ class Metric(Protocol):
 
 
 
+class Posterior(NamedTuple):
+    """What an encoder says about one batch of images: a diagonal Gaussian over latents, its
+    mean and standard deviation (zeros for a deterministic encoder)."""
+
+    mean: Tensor
+    std: Tensor
+
+
+@runtime_checkable
+class Autoencoder(Protocol):
+    """The first stage of a latent diffusion model (Rombach et al. 2022): pixels ↔ latents.
+
+    ``encode(x)`` maps a batch of data (B, *data_shape) to a :class:`Posterior` over latents
+    (B, *latent_shape(data_shape)); ``decode(z)`` maps latents back to data. The diffusion
+    model trains and samples in latent space; the kernel normalises latents (per channel, or
+    by the autoencoder's fixed ``scale_factor``) and caches the posterior of every item.
+
+    ``settings()`` gives the constructor arguments that rebuild the same network without
+    reading any file (a checkpoint stores them beside the autoencoder's weights): an
+    autoencoder built from a weights folder reports the architecture it read there.
+    Class attributes: ``lossless`` (decode(encode(x).mean) == x with nothing to learn: the
+    pixel-space ``identity``, for which the kernel skips the whole first stage) and
+    ``flip_equivariant`` (flipping the input left-right flips the latent exactly, so a
+    horizontal flip of the data may be applied to cached latents; false for learned
+    convolutional encoders, whose kernels are not mirror-symmetric — the cache then holds the
+    posterior of each mirrored image too). An autoencoder built without weights may set
+    ``untrained = True``, and ``unfog train`` then says that its latents are a random network's.
+    """
+
+    lossless: ClassVar[bool]
+    flip_equivariant: ClassVar[bool]
+
+    def encode(self, x: Tensor) -> Posterior: ...
+
+    def decode(self, z: Tensor) -> Tensor: ...
+
+    def latent_shape(self, data_shape: Sequence[int]) -> tuple[int, ...]: ...
+
+    def settings(self) -> dict[str, Any]: ...
+
+
 @runtime_checkable
 class Exporter(Protocol):
     """Writes a trained generator in another program's format (``unfog export format=NAME``).
@@ -260,6 +301,16 @@ class DiffusersCounterpart(Protocol):
     trained on a discrete schedule of ``num_timesteps`` steps (``unfog export format=diffusers``)."""
 
     def diffusers_scheduler(self, num_timesteps: int) -> DiffusersScheduler: ...
+
+
+@runtime_checkable
+class FixedLatentScale(Protocol):
+    """An autoencoder whose latents are normalised by fixed numbers rather than statistics of
+    the data: z_normalised = (z − ``shift_factor``) · ``scale_factor`` (Stable Diffusion's VAE:
+    scale 0.18215, shift 0; Rombach et al. 2022, Sec. G)."""
+
+    scale_factor: float
+    shift_factor: float
 
 
 @runtime_checkable

@@ -21,7 +21,9 @@ from typing import Any, TypeVar
 
 from unfog.errors import RegistryError
 
-KINDS: tuple[str, ...] = ("backbone", "schedule", "sampler", "conditioner", "dataset", "metric", "exporter", "pipeline")
+KINDS: tuple[str, ...] = (
+    "backbone", "schedule", "sampler", "conditioner", "dataset", "metric", "autoencoder", "exporter", "pipeline",
+)
 ENTRY_POINT_GROUP = "unfog.plugins"
 
 T = TypeVar("T", bound=Callable[..., Any])

@@ -7,7 +7,7 @@ and callback draws); the rest says which conditioning values each sample gets: t
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +189,7 @@ def draw(
     progress: bool = False,
     guidance_rescale: float = 0.0,
     guidance_interval: Sequence[float] | None = None,
+    decode: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Samples number ``indices`` of a run seeded with ``seed`` (what
     :meth:`unfog.pipeline.DiffusionPipeline.generate` runs).
@@ -199,7 +200,8 @@ def draw(
     is the model's σ_data when it predicts ``edm`` (None: the schedule's, else 0.5). With
     ``progress`` a bar with an ETA counts the samples drawn. ``guidance`` (one scale or one
     per conditioner), ``guidance_rescale`` and ``guidance_interval`` are
-    :meth:`DiffusionModel.denoiser`'s.
+    :meth:`DiffusionModel.denoiser`'s. ``decode`` maps each batch of samples before it leaves
+    the device (a latent model's decoder).
     """
     was_training = model.training
     model.eval()
@@ -216,7 +218,8 @@ def draw(
             batch_values = {k: take(v, slice(start, start + len(idx))) for k, v in (values or {}).items()}
             denoiser = model.denoiser(schedule, prediction, batch_values, len(idx), guidance, clip, sigma_data,
                                       guidance_rescale, guidance_interval)
-            out.append(sampler.sample(denoiser, noise, rng).float().cpu())
+            samples = sampler.sample(denoiser, noise, rng)
+            out.append((decode(samples) if decode is not None else samples).float().cpu())
             if bar is not None:
                 bar.update(len(idx))
     finally:

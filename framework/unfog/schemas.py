@@ -126,6 +126,7 @@ class DataConfig:
 
     batch_size: int = field(default=128, metadata=at_least(1))
     num_workers: int = field(default=0, metadata=at_least(0))
+    hflip: bool = False  # mirror half of every batch left-right (images; not with captions that say "left")
 
 
 @dataclass
@@ -176,6 +177,23 @@ class EvaluationConfig:
 
 
 @dataclass
+class LatentsConfig:
+    """How a latent model (``autoencoder`` other than ``identity``) reads its data."""
+
+    cache: bool = True  # encode the dataset once and reuse it (false: encode every batch)
+    cache_dir: str | None = None  # null: $UNFOG_CACHE_DIR/latents or ~/.cache/unfog/latents
+    normalize: str = field(default="auto", metadata=checked_by(lambda v, k: _check_choice(
+        v, k, ("auto", "channels", "fixed", "none"))))
+    encode_batch_size: int = field(default=64, metadata=at_least(1))
+    device: str = "auto"  # where the cache is encoded: auto | cpu | cuda[:N]
+
+
+def _check_choice(value: Any, key: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r}; choose one of {', '.join(choices)}.")
+
+
+@dataclass
 class CheckpointConfig:
     """How often ``last.ckpt`` is refreshed (it is always written at the end too)."""
 
@@ -190,6 +208,7 @@ class TrainConfig:
     backbone: Any = MISSING
     schedule: Any = MISSING
     sampler: Any = MISSING
+    autoencoder: Any = None  # the first stage: identity (pixel space) unless a latent model
     conditioners: dict[str, Any] = field(default_factory=dict)  # key -> conditioner node
     metrics: dict[str, Any] = field(default_factory=dict)  # name -> metric node, scored while training
     trainer: Any = MISSING
@@ -207,6 +226,7 @@ class TrainConfig:
     sampling: SampleGridConfig = field(default_factory=SampleGridConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    latents: LatentsConfig = field(default_factory=LatentsConfig)
 
 
 @dataclass

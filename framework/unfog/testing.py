@@ -18,6 +18,7 @@ sources :class:`OneStreamNoise` and :class:`NoNoise` and :func:`standardized_noi
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, ClassVar
 
@@ -36,7 +37,7 @@ from unfog.diffusion import (
     needs_derivatives,
     training_target,
 )
-from unfog.protocols import ROUTES
+from unfog.protocols import ROUTES, Autoencoder
 
 
 class Contract:
@@ -275,6 +276,74 @@ class MetricContract(Contract):
         m.reset()
         m.update(**self.inputs())
         assert m.compute() == result
+
+
+class AutoencoderContract(Contract):
+    """encode gives a posterior (mean, std ≥ 0) shaped ``(B, *latent_shape(data_shape))``, the
+    same mean every time, and a non-negative KL divergence to N(0, I); decode gives data of the
+    data's shape; ``settings()``, stored as JSON, rebuilds the same network; a ``lossless``
+    autoencoder round-trips exactly. ``data_shape`` comes from ``kwargs``, else the class."""
+
+    kind = "autoencoder"
+    data_shape: ClassVar[tuple[int, ...]] = (3, 16, 16)
+
+    def _shape(self) -> tuple[int, ...]:
+        return tuple(self.kwargs.get("data_shape", self.data_shape))
+
+    def _built(self) -> Any:
+        ae = self.build(data_shape=self._shape())
+        return ae.eval() if isinstance(ae, torch.nn.Module) else ae
+
+    def _batch(self, n: int = 2) -> torch.Tensor:
+        return torch.rand(n, *self._shape(), generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def test_fits_the_protocol(self) -> None:
+        ae = self._built()
+        assert isinstance(ae, Autoencoder), "needs lossless, flip_equivariant, encode, decode, latent_shape, settings"
+        assert isinstance(ae.lossless, bool) and isinstance(ae.flip_equivariant, bool)
+        shape = ae.latent_shape(self._shape())
+        assert isinstance(shape, tuple) and all(isinstance(s, int) and s > 0 for s in shape), shape
+        json.dumps(ae.settings())  # a checkpoint stores it as JSON
+
+    @torch.no_grad()
+    def test_posterior(self) -> None:
+        ae, x = self._built(), self._batch()
+        post = ae.encode(x)
+        expected = (len(x), *ae.latent_shape(self._shape()))
+        assert tuple(post.mean.shape) == expected and tuple(post.std.shape) == expected, (
+            f"posterior of shape {tuple(post.mean.shape)}/{tuple(post.std.shape)}, latent_shape says {expected}"
+        )
+        assert torch.isfinite(post.mean).all() and torch.isfinite(post.std).all()
+        assert (post.std >= 0).all(), "a standard deviation is negative"
+        torch.testing.assert_close(ae.encode(x).mean, post.mean, rtol=0, atol=0)
+        # KL(N(μ, σ²) ‖ N(0, 1)) = ½(μ² + σ² − 1 − log σ²) per coordinate (Kingma & Welling 2014,
+        # App. B), only where σ > 0: a deterministic encoder (σ = 0) has no density to compare.
+        mean, std = post.mean.double(), post.std.double()
+        var = torch.where(std > 0, std * std, 1.0)
+        kl = torch.where(std > 0, 0.5 * (mean * mean + var - 1 - var.log()), 0.0).flatten(1).sum(1)
+        assert torch.isfinite(kl).all() and (kl >= -1e-9).all(), f"KL divergences {kl.tolist()}"
+
+    @torch.no_grad()
+    def test_decode_shape(self) -> None:
+        ae, x = self._built(), self._batch()
+        out = ae.decode(ae.encode(x).mean)
+        assert tuple(out.shape) == tuple(x.shape) and torch.isfinite(out).all()
+
+    def test_settings_rebuild_the_same_network(self) -> None:
+        ae = self._built()
+        settings = json.loads(json.dumps(ae.settings()))
+        again = unfog.create(self.kind, self.key, data_shape=self._shape(), **settings)
+        shapes = {k: tuple(v.shape) for k, v in ae.state_dict().items()} if isinstance(ae, torch.nn.Module) else {}
+        again_shapes = ({k: tuple(v.shape) for k, v in again.state_dict().items()}
+                        if isinstance(again, torch.nn.Module) else {})
+        assert again_shapes == shapes, "settings() does not rebuild the same network"
+        assert again.settings() == settings
+
+    @torch.no_grad()
+    def test_lossless_round_trips(self) -> None:
+        ae, x = self._built(), self._batch()
+        if ae.lossless:
+            torch.testing.assert_close(ae.decode(ae.encode(x).mean), x, rtol=0, atol=0)
 
 
 class ExporterContract(Contract):

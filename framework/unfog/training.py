@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from unfog.data import step_seed
+from unfog.data import random_hflip, step_seed
 from unfog.diffusion import (
     check_prediction,
     check_weighting,
@@ -24,6 +24,7 @@ from unfog.diffusion import (
     training_target,
 )
 from unfog.errors import NonFiniteLossError
+from unfog.latents import LatentSpace
 from unfog.model import DiffusionModel
 from unfog.protocols import Schedule
 
@@ -100,6 +101,11 @@ class DiffusionModule(L.LightningModule):
     channel shared by all positions, scaled by this factor (Guttenberg 2023, "Diffusion with
     offset noise"), so the model learns to change an image's mean brightness.
 
+    ``latent`` (a :class:`unfog.latents.LatentSpace`) makes it a latent diffusion model
+    (Rombach et al. 2022): batches hold cached posteriors (or pixels, encoded on the fly) and
+    the model learns to denoise latents drawn from them. ``hflip`` mirrors each item
+    left-right with probability 1/2 (of the pixels, or of the cached latents).
+
     Randomness is a function of the run's ``seed``, the number of batches trained so far and
     the process rank: the global RNG is reseeded before every batch (:func:`step_seed`), and
     the count is a buffer saved in checkpoints, so a resumed run draws the same t, ε, dropout
@@ -124,6 +130,8 @@ class DiffusionModule(L.LightningModule):
         sigma_data: float | None = None,
         seed: int = 0,
         meta: dict[str, Any] | None = None,
+        latent: LatentSpace | None = None,
+        hflip: bool = False,
     ) -> None:
         super().__init__()
         check_prediction(prediction)
@@ -143,9 +151,17 @@ class DiffusionModule(L.LightningModule):
         self.seed = seed
         count_in_state_dict(self, "batches_seen")
         self.meta = meta or {}
+        self.latent = latent  # a latent model's first stage (frozen; saved with the model), else None
+        self.hflip = hflip  # mirror half of each batch left-right (data augmentation)
 
     def loss(self, batch: dict[str, Any]) -> Tensor:
-        """The (weighted) mean squared error of the prediction target at random t and ε."""
+        """The (weighted) mean squared error of the prediction target at random t and ε. A latent
+        model trains on a fresh draw from each item's posterior, which is also what its
+        conditioners see as ``x``."""
+        if self.latent is not None:
+            batch = {**batch, "x": self.latent.draw(batch, self.hflip)}
+        elif self.hflip:
+            batch = {**batch, "x": random_hflip(batch["x"])}
         x0 = batch["x"]
         n = x0.shape[0]
         t = self.schedule.sample_t(n, device=x0.device)

@@ -6,6 +6,6 @@
 imported only when one of them is built or run.
 """
 
-from unfog_diffusers import export, models
+from unfog_diffusers import export, models, vae
 
-__all__ = ["export", "models"]
+__all__ = ["export", "models", "vae"]

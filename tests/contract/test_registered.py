@@ -27,6 +27,7 @@ SUITES: dict[str, type] = {
     "conditioner": testing.ConditionerContract,
     "dataset": testing.DatasetContract,
     "metric": testing.MetricContract,
+    "autoencoder": testing.AutoencoderContract,
     "exporter": testing.ExporterContract,
     "pipeline": testing.PipelineContract,
 }
@@ -95,6 +96,21 @@ def _points_inputs(self: Any) -> dict[str, Any]:
     return {"generated": sample_toy2d("two_moons", 200, 1), "real": sample_toy2d("two_moons", 300, 2)}
 
 
+@functools.lru_cache(maxsize=1)
+def _tiny_vae_folder() -> str:
+    """A randomly initialised, tiny diffusers AutoencoderKL saved with save_pretrained: a folder
+    like Stable Diffusion's vae/, small enough for a test."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                        sample_size=16)
+    out = Path(tempfile.mkdtemp(prefix="unfog-contract-vae-"))
+    vae.save_pretrained(out)
+    return str(out)
+
+
 FEATURE_METRICS = ("fid", "kid", "inception_score", "precision_recall")
 
 KWARGS: dict[tuple[str, str], Any] = {
@@ -112,6 +128,9 @@ KWARGS: dict[tuple[str, str], Any] = {
     ("conditioner", "text"): dict(dim=16, heads=2, layers=1, max_length=8),
     ("dataset", "image_folder"): lambda: dict(root=_image_folder(), size=8),
     ("dataset", "toy2d"): dict(size=64),
+    ("autoencoder", "identity"): dict(data_shape=(3, 16, 16)),
+    ("autoencoder", "kl"): dict(data_shape=(3, 16, 16), channels=8, norm_groups=4),
+    ("autoencoder", "diffusers_vae"): lambda: dict(data_shape=(3, 16, 16), path=_tiny_vae_folder()),
 }
 SKIP: dict[tuple[str, str], str] = {
     ("backbone", "diffusers_folder"): "needs a diffusers model folder per wiring; tests/integration/test_export.py "

@@ -21,6 +21,10 @@ SETUPS = {
     # a U-Net with dropout and a class conditioner that drops labels at random
     "digits": ["backbone=unet_tiny", "backbone.dropout=0.1", "conditioner=class_label",
                "conditioners.class_label.dropout=0.3", "data.batch_size=8"],
+    # a latent model: a fresh draw from each cached posterior, random flips of the latents
+    "latent": ["dataset=shapes", "dataset.size=16", "dataset.length=40", "backbone=unet_tiny", "autoencoder=kl",
+               "autoencoder.factor=2", "autoencoder.channels=8", "autoencoder.norm_groups=4", "data.batch_size=8",
+               "data.hflip=true"],
 }
 
 
@@ -36,7 +40,9 @@ def _losses(run_dir: Path) -> dict[int, str]:
 
 
 @pytest.mark.parametrize("setup", list(SETUPS))
-def test_resumed_run_is_bit_for_bit_the_uninterrupted_run(tmp_path: Path, setup: str) -> None:
+def test_resumed_run_is_bit_for_bit_the_uninterrupted_run(tmp_path: Path, setup: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UNFOG_CACHE_DIR", str(tmp_path / "cache"))
     whole = train(_cfg(setup, "trainer.max_steps=10"), tmp_path / "whole")
     first = train(_cfg(setup, "trainer.max_steps=6"), tmp_path / "first")
     rest = train(_cfg(setup, "trainer.max_steps=10", f"ckpt_path={first.checkpoint}"), tmp_path / "rest")

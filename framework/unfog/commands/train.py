@@ -19,13 +19,23 @@ from unfog.checkpoints import KEY, read_checkpoint
 from unfog.commands.base import Command
 from unfog.config import NAME_KEY, build, plain
 from unfog.errors import ConfigError, Interrupted
+from unfog.latents import (
+    EncodedOnTheFly,
+    LatentDataset,
+    LatentSpace,
+    cache_root,
+    latent_cache,
+    latent_space,
+    normalization,
+    on_the_fly_statistics,
+)
 from unfog.protocols import Sound
 from unfog.schemas import SamplingSettings, TrainConfig, check_config
-from unfog.util import versions
+from unfog.util import resolve_device, versions
 
 log = logging.getLogger("unfog")
 
-COMPONENT_KEYS = ("backbone", "conditioners", "schedule", "dataset", "prediction")
+COMPONENT_KEYS = ("backbone", "conditioners", "schedule", "dataset", "prediction", "autoencoder")
 LIBRARY_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning", "pytorch_lightning")
 
 
@@ -110,16 +120,50 @@ class TrainRecipe:
     # ------------------------------------------------------------------------------- data
 
     def data(self) -> None:
-        """Seed everything, build the dataset, let ``auto`` entries choose for it, and check
-        that the backbone and conditioners fit it."""
+        """Seed everything, build the dataset (and, for a latent model, its cached latents), let
+        ``auto`` entries choose for it, and check that the backbone and conditioners fit it."""
         import lightning as L
 
         _quiet(self.cfg.get("verbose", False))
         L.seed_everything(self.cfg["seed"], workers=True, verbose=False)
-        self.dataset = build("dataset", self.cfg["dataset"])
-        self.choices = resolve(self.cfg, self.dataset)
+        self.pixels = build("dataset", self.cfg["dataset"])
+        with torch.random.fork_rng(devices=[]):  # building or reading a cache leaves the model's init as it was
+            self.latent, self.dataset = self.first_stage(self.pixels)
+        self.choices = {**self.choices, **resolve(self.cfg, self.dataset)}
         self.entries = validate(self.cfg)  # what auto chose: its routes, and its distributions for the versions
         check_data(self.cfg, self.dataset)
+
+    def first_stage(self, pixels: Any) -> tuple[LatentSpace | None, Any]:
+        """The latent space of the config's ``autoencoder`` and the data the model trains on: the
+        cached posteriors of ``pixels`` (built once, see :mod:`unfog.latents`), or the pixels
+        encoded every batch with ``latents.cache=false``; ``(None, pixels)`` in pixel space."""
+        cfg, lat = self.cfg, self.cfg["latents"]
+        space = latent_space(cfg.get("autoencoder"), tuple(pixels.data_shape))
+        if space is None:
+            return None, pixels
+        device = resolve_device(lat["device"])
+        main = _is_main_process()
+        log = print if main else (lambda *a, **k: None)
+        if getattr(space.autoencoder, "untrained", False):
+            log(f"unfog: note: autoencoder {space.name} has random weights (no autoencoder.weights): a latent model "
+                f"learns little in their space. Train one first: unfog train-autoencoder dataset=... "
+                f"autoencoder={space.name}, then pass autoencoder.weights=ITS_FOLDER.")
+        if lat["cache"]:  # flips through an encoder they do not commute with: the mirror images are cached too
+            mirrored = bool(cfg["data"]["hflip"]) and not getattr(space.autoencoder, "flip_equivariant", False)
+            data: Any = latent_cache(space, pixels, cfg["dataset"], cache_root(lat["cache_dir"]),
+                                     batch_size=lat["encode_batch_size"], device=device, mirrored=mirrored, log=log)
+            statistics = data.statistics
+        else:
+            data = EncodedOnTheFly(pixels, space.latent_shape)
+            statistics = lambda: on_the_fly_statistics(space, pixels, batch_size=lat["encode_batch_size"],  # noqa: E731
+                                                       device=device)
+        shift, scale, how = normalization(space, lat["normalize"], statistics)
+        space.shift.copy_(shift)
+        space.scale.copy_(scale)
+        if isinstance(data, LatentDataset):
+            data.normalize(shift, scale)
+        self.normalized = how
+        return space, data
 
     # ------------------------------------------------------------------------------ model
 
@@ -130,29 +174,44 @@ class TrainRecipe:
         cfg, dataset = self.cfg, self.dataset
         self.schedule = build("schedule", cfg["schedule"])
         self.sampler = build("sampler", cfg["sampler"])
-        self.net = build_model(cfg, tuple(dataset.data_shape), dataset.num_classes)
+        try:
+            self.net = build_model(cfg, tuple(dataset.data_shape), dataset.num_classes)
+        except ConfigError as exc:
+            if self.latent is None:
+                raise
+            raise ConfigError(
+                f"the model cannot take the latents of autoencoder {self.latent.name} (shape "
+                f"{'×'.join(map(str, self.latent.latent_shape))} for data of shape "
+                f"{'×'.join(map(str, self.latent.data_shape))}): {exc} Choose another autoencoder factor or "
+                "backbone, or backbone=auto."
+            ) from exc
         if cfg["sampling"]["guidance"] == "auto":
             cfg["sampling"]["guidance"] = auto_guidance(self.net)
             self.choices["sampling.guidance"] = str(cfg["sampling"]["guidance"])
         self.settings = SamplingSettings.of(cfg["sampling"])
         if cfg["trainer"].get("channels_last") and len(dataset.data_shape) == 3:
             self.net.use_channels_last()
+        pixels = self.pixels
         self.meta = {
             "config": cfg,
             "versions": versions(e.distribution for e in self.entries.values()),
             "wiring": {
-                "data_shape": list(dataset.data_shape),
+                "data_shape": list(pixels.data_shape),
                 "num_classes": dataset.num_classes,
-                "data_range": list(dataset.data_range) if dataset.data_range else None,
-                "sample_rate": dataset.sample_rate if isinstance(dataset, Sound) else None,  # WAV files
+                "data_range": list(pixels.data_range) if pixels.data_range else None,
+                "sample_rate": pixels.sample_rate if isinstance(pixels, Sound) else None,  # WAV files
             },
         }
+        if self.latent is not None:  # what the model was built for, and what decodes its samples
+            self.meta["wiring"]["latent_shape"] = list(self.latent.latent_shape)
+            self.meta["autoencoder"] = self.latent.describe()
         opt, ema, loss = cfg["optim"], cfg["ema"], cfg["loss"]
         self.module = DiffusionModule(
             self.net, self.schedule, cfg["prediction"], lr=opt["lr"], weight_decay=opt["weight_decay"],
             betas=tuple(opt["betas"]), warmup_steps=opt["warmup_steps"], ema_decay=ema["decay"],
             ema_warmup=ema["warmup"], loss_weighting=loss["weighting"], min_snr_gamma=loss["min_snr_gamma"],
             offset_noise=loss["offset_noise"], sigma_data=cfg.get("sigma_data"), seed=cfg["seed"], meta=self.meta,
+            latent=self.latent, hflip=cfg["data"]["hflip"],
         )
         if self.resumed:
             self._check_resumable()
@@ -162,6 +221,15 @@ class TrainRecipe:
     def _check_resumable(self) -> None:
         """Refuse a checkpoint whose parameters this config does not build, listing the settings
         that differ, instead of Lightning's "parameter group doesn't match" deep in fit."""
+        then = (self.resumed["meta"].get("autoencoder") or {}).get("sha256")
+        now = self.latent.sha256 if self.latent is not None else None
+        if then != now:
+            raise ConfigError(
+                f"ckpt_path={self.cfg['ckpt_path']} was trained "
+                + (f"with autoencoder weights sha256 {then[:12]}…" if then else "in pixel space (autoencoder=identity)")
+                + ", but this config " + (f"gives autoencoder weights sha256 {now[:12]}…" if now else "is pixel space")
+                + ". Resume with the checkpoint's autoencoder (its .hydra/config.yaml names it)."
+            )
         saved = self.resumed["shapes"]
         built = {k: tuple(v.shape) for k, v in self.module.state_dict().items()}
         if saved == built:
@@ -184,8 +252,11 @@ class TrainRecipe:
         """The run's first line: the data and what was chosen for it."""
         if not _is_main_process():
             return
-        d = self.dataset
+        d = self.pixels
         shape = "×".join(map(str, d.data_shape))
+        if self.latent is not None:
+            shape += f" → latents {'×'.join(map(str, self.latent.latent_shape))} by {self.latent.name}, " \
+                     f"normalised {self.normalized}"
         labels = f", {d.num_classes} classes" if d.num_classes else ""
         name = self.cfg["dataset"][NAME_KEY]
         params = sum(p.numel() for p in self.net.parameters())
@@ -237,7 +308,7 @@ class TrainRecipe:
             self.callback_list.append(MetricCallback(
                 metrics, self.grid, self.run_dir / "evaluation.jsonl", ev["every_n_steps"], ev["num_samples"],
                 ev["seed"], examples=dataset_examples(dataset, ev["num_samples"], fields),
-                reference=(dataset, cfg["dataset"]), batch_size=ev["batch_size"]))
+                reference=(self.pixels, cfg["dataset"]), batch_size=ev["batch_size"]))
         if self.logger:
             self.callback_list.append(LearningRateMonitor(logging_interval="step"))
         if cfg["trainer"].get("enable_progress_bar", True) is not False:
