@@ -110,7 +110,8 @@ def test_sampling_sweep_writes_one_folder_per_combination(trained: Path, tmp_pat
 
 def test_help_lists_every_command_and_an_unknown_one_is_a_one_line_error(tmp_path: Path) -> None:
     help_text = run("--help", cwd=tmp_path).stdout
-    for name in ("train", "sample", "evaluate", "export", "config", "list", "plugins", "train-classifier"):
+    for name in ("train", "sample", "evaluate", "export", "config", "list", "plugins", "train-classifier",
+                 "train-autoencoder"):
         assert f"  {name} " in help_text, name
     proc = run("trian", cwd=tmp_path, check=False)
     assert proc.returncode == 2
