@@ -43,7 +43,7 @@ VOCABULARY: tuple[str, ...] = tuple(sorted(
 ))
 NUM_CLASSES = len(COLORS) * len(SHAPES)
 CLASS_NAMES: tuple[str, ...] = tuple(f"{c} {s}" for c in COLORS for s in SHAPES)
-MIN_SIZE, MAX_SIZE = 8, 64
+MIN_SIZE, MAX_SIZE = 8, 128
 MAX_OBJECTS = 2
 # Of the two-object images, this share shows two of the same ("two blue squares").
 SAME_PAIR_PROBABILITY = 0.5
@@ -306,7 +306,7 @@ class Shapes(Dataset):
     images are for quick smoke runs only.
 
     Args:
-        size: image side in pixels, 8 to 64.
+        size: image side in pixels, 8 to 128 (16, 32, 64 and 128 are the usual ones).
         max_objects: 1 or 2 objects per image (with 2, the count is 1 or 2 at random).
         length: number of items.
         seed: seed of the whole dataset (a non-negative integer).

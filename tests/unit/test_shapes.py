@@ -104,7 +104,7 @@ def test_a_batch_collates_captions_as_a_list_of_strings(singles: dict[str, Any])
     assert singles["x"].shape == (300, 3, 16, 16) and singles["label"].shape == (300,)
 
 
-@pytest.mark.parametrize("size", [8, 13, 16, 24, 64])
+@pytest.mark.parametrize("size", [8, 13, 16, 24, 32, 64, 128])
 def test_objects_fit_every_size(size: int) -> None:
     ds = unfog.create("dataset", "shapes", size=size, max_objects=2, length=40)
     low, high = object_side(size)
@@ -117,7 +117,7 @@ def test_objects_fit_every_size(size: int) -> None:
     ("kwargs", "match"),
     [
         ({"size": 7}, "size must be at least 8"),
-        ({"size": 65}, "size must be at most 64"),
+        ({"size": 129}, "size must be at most 128"),
         ({"size": 16.0}, "size must be an integer"),
         ({"max_objects": 3}, "max_objects must be 1 or 2"),
         ({"length": 0}, "length must be at least 1"),
@@ -225,6 +225,15 @@ def test_checker_reads_the_dataset_back(singles: dict[str, Any], pairs: dict[str
             assert result[key] >= 0.99, (key, result)
     by_label = _check(singles["x"], labels=singles["label"])
     assert by_label["all_correct"] >= 0.99 and "position" not in by_label
+
+
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_checker_reads_large_images_back(size: int) -> None:
+    # the sizes of latent text-to-image (docs/latent.md): objects grow with the image
+    ds = unfog.create("dataset", "shapes", size=size, max_objects=2, length=60)
+    items = [ds[i] for i in range(len(ds))]
+    result = _check(torch.stack([it["x"] for it in items]), captions=[it["caption"] for it in items])
+    assert result["all_correct"] == 1.0, result
 
 
 def test_checker_tolerates_mild_noise(pairs: dict[str, Any]) -> None:
