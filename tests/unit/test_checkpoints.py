@@ -153,4 +153,5 @@ def test_checkpoints_of_an_earlier_unfog_load_and_draw_the_same_samples(name: st
     values = {"label": torch.as_tensor(expected["labels"])} if "labels" in expected.files else None
     x = pipeline.generate(unfog.create("sampler", "ddim", steps=5), len(expected["samples"]), values,
                           SamplingSettings(guidance=guidance))
-    np.testing.assert_array_equal(x.numpy(), expected["samples"])
+    # equal to float32 rounding: a matrix product may sum in another order with another thread count
+    np.testing.assert_allclose(x.numpy(), expected["samples"], rtol=1e-5, atol=1e-6)
