@@ -78,3 +78,16 @@ def test_ddp_inside_a_sweep_runs_each_job_once(tmp_path: Path) -> None:
     names = {torch.load(c, weights_only=True)["unfog"]["config"]["schedule"]["_name_"] for c in ckpts}
     assert names == {"linear", "cosine"}
     assert proc.stdout.count("unfog: trained") == 2
+
+
+def test_a_latent_model_under_ddp_encodes_once_and_trains_on_every_process(tmp_path: Path) -> None:
+    # both processes need the cache; one builds it while the other waits on the lock, then reads it
+    latent = ["dataset=shapes", "dataset.size=16", "dataset.length=64", "autoencoder=kl", "autoencoder.factor=2",
+              "autoencoder.channels=8", "autoencoder.norm_groups=4", "trainer.max_steps=2"]
+    proc = run("train", *DDP, *latent, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=240,
+               env={"UNFOG_CACHE_DIR": str(tmp_path / "cache")})
+    out = proc.stdout + proc.stderr
+    assert out.count("encoding 64 items") == 1 and out.count("unfog: trained 2 steps") == 1, out
+    assert len([p for p in (tmp_path / "cache" / "latents").iterdir() if p.is_dir()]) == 1
+    meta = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["unfog"]
+    assert meta["wiring"]["latent_shape"] == [4, 8, 8]

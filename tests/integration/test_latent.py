@@ -73,6 +73,11 @@ def test_the_checkpoint_records_its_autoencoder_and_samples_decode(trained: tupl
     assert pngs, list(out.rglob("*"))
     grid = np.asarray(Image.open(pngs[0]))
     assert grid.ndim == 3 and grid.shape[2] == 3 and min(grid.shape[:2]) >= 16  # pixels, not latents
+    # evaluate decodes too, scores the pixels, and records the autoencoder in its protocol
+    proc = run("evaluate", f"checkpoint={ckpt}", "metric=shapes_checker", "num_samples=6", "sampler.steps=3",
+               f"output_dir={tmp / 'scored'}", cwd=tmp)
+    result = json.loads((tmp / "scored" / "evaluation.json").read_text())
+    assert result["protocol"]["pipeline"]["autoencoder"]["sha256"] == record["sha256"], proc.stdout
 
 
 def test_a_latent_pipeline_reloads_from_checkpoint_and_export_identically(trained: tuple[Path, str, Path],

@@ -24,7 +24,7 @@ def test_readme_plugin_example_registers_and_samples() -> None:
 
 
 def test_readme_commands_compose_and_validate() -> None:
-    """Every `unfog train`, `train-classifier` and `evaluate` line of the quickstart is a valid
+    """Every `unfog train`, `train-classifier`, `train-autoencoder` and `evaluate` line of the quickstart is a valid
     config (sweeps: each first value)."""
     import shlex
 
@@ -36,7 +36,7 @@ def test_readme_commands_compose_and_validate() -> None:
     block = re.search(r"## Quickstart\n\n```bash\n(.*?)```", README.read_text(), re.S).group(1)
     block = block.replace("\\\n", " ")  # continued lines
     lines = [shlex.split(line.split("  #")[0]) for line in block.splitlines() if line.startswith("unfog ")]
-    names = ("train", "train-classifier", "evaluate")
+    names = ("train", "train-classifier", "train-autoencoder", "evaluate")
     chosen = [words for words in lines if words[1] in names]
     assert sum(words[1] == "train" for words in chosen) >= 5 and {w[1] for w in chosen} == set(names)
     for words in chosen:
