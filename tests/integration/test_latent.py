@@ -141,3 +141,21 @@ def test_resuming_with_another_autoencoder_is_refused(trained: tuple[Path, str, 
                env={"UNFOG_CACHE_DIR": str(tmp_path / "cache")}, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "autoencoder weights sha256" in out and "Traceback" not in out
+
+
+def test_super_resolution_in_latent_space_takes_its_low_resolution_image_in_pixels(tmp_path: Path) -> None:
+    # image_concat reads field x, which is the latent while training; at sampling time a user's
+    # image in pixels is encoded first, so the same call works as for a pixel model
+    import unfog
+    from unfog.pipeline import Pipeline
+    from unfog.schemas import SamplingSettings
+
+    out, ckpt = _train(tmp_path, "conditioner=image_concat", "conditioners.image_concat.factor=2",
+                       "sampling.guidance=1")
+    assert ckpt is not None, out
+    pipeline = Pipeline.load(ckpt)
+    assert pipeline.conditioners["image_concat"].data_shape == (3, 8, 8)  # built for the latents
+    low = unfog.create("dataset", "shapes", size=16, length=3, seed=9)
+    images = torch.stack([low[i]["x"] for i in range(3)])
+    drawn = pipeline.generate(unfog.create("sampler", "ddim", steps=3), 3, {"x": images}, SamplingSettings(seed=1))
+    assert drawn.shape == (3, 3, 16, 16) and torch.isfinite(drawn).all()
