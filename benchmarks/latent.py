@@ -214,7 +214,9 @@ def adherence(workdir: Path, ae_folder: str, samples: int, budget: int, docs: Pa
     shuffled = [captions[(k + samples // 2) % samples] for k in range(samples)]
     report: dict[str, Any] = {"n": samples, "guidance": 3.0, "real_images": checker_scores(batch["x"], captions),
                               "budget_seconds": budget, "cache": built, "runs": {}}
-    for name, run in trained.items():
+    for name in runs:
+        run = trained[name]
+
         def score(run: dict[str, Any] = run) -> dict[str, Any]:
             start = time.perf_counter()
             images = _draw(run["checkpoint"], {"caption": captions}, samples)

@@ -36,9 +36,10 @@ VARIANTS = {
 }
 
 
-def record(path: Path, key: str, value: dict) -> None:
+def record(path: Path, key: str, value: dict, workdir: Path) -> None:
     """Add ``key`` to the JSON at ``path`` under a lock (runs side by side share the file)."""
-    with open(path.with_suffix(".lock"), "w") as lock:
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / f"{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         report = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
         report["runs"][key] = value
@@ -86,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         record(args.json, f"{args.variant}/{seed}", {
             "variant": args.variant, "seed": seed, "command": "unfog train " + " ".join(overrides),
             "train": train, "scores": result["guidance"][str(args.guidance)],
-            "real_images": result["real_images"], "seconds": round(time.perf_counter() - start)})
+            "real_images": result["real_images"], "seconds": round(time.perf_counter() - start)}, args.workdir)
     print(summarise(args.json))
 
 
