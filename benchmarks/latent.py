@@ -13,9 +13,10 @@ Stages (each cached in --workdir, so a rerun measures only what is missing):
 - ``adherence``: ``unfog train experiment=shapes64_text`` with the f=4 autoencoder, and a
   pixel run (autoencoder=identity, 8×8 patches: the same token count and width), side by
   side with one thread each, for the same CPU wall-clock (``trainer.max_time``: --budget
-  seconds of training, and the pixel run also the seconds the latent cache took to build). The captions of 360 held-out scenes are the prompts (guidance 3);
-  ``shapes_checker`` reads colour, shape, count and position back from the pixels; the same
-  images against shuffled prompts give chance. Sample grids for the docs.
+  seconds of training, and the pixel run also the seconds the latent cache took to build).
+  The captions of 360 held-out scenes are the prompts (guidance 3); ``shapes_checker`` reads
+  colour, shape, count and position back from the pixels; the same images against shuffled
+  prompts give chance. Sample grids for the docs.
 
     python benchmarks/latent.py autoencoders speed adherence
     python benchmarks/latent.py --write-docs            # also docs/latent-*.png
