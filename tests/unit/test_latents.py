@@ -114,7 +114,7 @@ def _build_in_process(args: tuple[str, str]) -> float:
 def test_processes_side_by_side_build_one_cache(tmp_path: Path) -> None:
     # what DDP ranks (or two runs) do at once: one encodes, the other waits on the lock and reads
     logs = [str(tmp_path / f"log{i}") for i in range(2)]
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # fork deadlocks beside the threads of a full test session
     with ctx.Pool(2) as pool:
         firsts = pool.map(_build_in_process, [(str(tmp_path / "root"), log) for log in logs])
     assert firsts[0] == firsts[1]
